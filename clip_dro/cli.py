@@ -1,0 +1,107 @@
+"""The ``clip-dro`` console script: parses the command line and hands typed values to the stage that owns them."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from clip_dro.errors import UserError
+
+
+def _call(module: str, function: str, **kwargs) -> object:
+    """Import a stage lazily (so ``--help`` stays fast) and call it."""
+    return getattr(importlib.import_module(module), function)(**kwargs)
+
+
+def _add_prep_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True, type=Path, help="output directory (shards, manifest.json, rejected.jsonl)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--image-size", type=int, default=None, help="resize so the shorter side is PX (default: keep)")
+    p.add_argument("--workers", type=int, default=None, help="parallel image workers (default: CPU count)")
+
+
+def _prep_args(args: argparse.Namespace) -> dict:
+    return dict(output=args.output, shard_size=args.shard_size, image_size=args.image_size, workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clip-dro", description="CLIP training with iSogCLR: prep, train, eval.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prep = sub.add_parser("prep", help="turn image-text pairs into webdataset shards with global indices")
+    prep_sub = prep.add_subparsers(dest="source", required=True, metavar="SOURCE")
+
+    p = prep_sub.add_parser("synthetic", help="the built-in long-tailed synthetic dataset (train, retrieval, zeroshot)")
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--num-train", type=int, default=4000, help="number of training images (default 4000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(run=lambda a: _call("data_prep.synthetic", "prep_synthetic", output=a.output,
+                                       num_train=a.num_train, seed=a.seed, workers=a.workers))
+
+    p = prep_sub.add_parser("csv", help="any table pandas reads (csv, tsv, parquet, jsonl) of image path + caption")
+    p.add_argument("--input", required=True, type=Path)
+    p.add_argument("--image-col", required=True)
+    p.add_argument("--caption-col", required=True)
+    p.add_argument("--image-root", type=Path, default=None, help="directory the image paths are relative to")
+    _add_prep_common(p)
+    p.set_defaults(run=lambda a: _call("data_prep.tabular", "prep_table", input=a.input, image_col=a.image_col,
+                                       caption_col=a.caption_col, image_root=a.image_root, **_prep_args(a)))
+
+    p = prep_sub.add_parser("coco", help="Karpathy-style caption JSON (MSCOCO, Flickr30K)")
+    p.add_argument("--annotations", required=True, type=Path)
+    p.add_argument("--image-root", required=True, type=Path)
+    _add_prep_common(p)
+    p.set_defaults(run=lambda a: _call("data_prep.coco", "prep_coco", annotations=a.annotations,
+                                       image_root=a.image_root, **_prep_args(a)))
+
+    p = prep_sub.add_parser("wds", help="re-shard webdataset shards (e.g. an img2dataset CC3M download)")
+    p.add_argument("--input", required=True, help="shard files or brace pattern, e.g. 'cc3m/{00000..00331}.tar'")
+    _add_prep_common(p)
+    p.set_defaults(run=lambda a: _call("data_prep.reshard", "prep_wds", input=a.input, **_prep_args(a)))
+
+    p = sub.add_parser("train", help="train CLIP, SogCLR or iSogCLR from a YAML config")
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, values parsed as YAML")
+    p.set_defaults(run=lambda a: _call("clip_dro.trainer", "train_from_cli", config_path=a.config,
+                                       overrides=a.overrides))
+
+    p = sub.add_parser("eval", help="retrieval and zero-shot classification of a checkpoint")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a run directory or a checkpoint directory")
+    p.add_argument("--retrieval", nargs="*", type=Path, default=[], help="prep retrieval set directories")
+    p.add_argument("--zeroshot", nargs="*", type=Path, default=[], help="zero-shot set directories")
+    p.add_argument("--output", type=Path, default=None, help="results JSON (default: beside the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--export", type=Path, default=None, help="also write an open_clip state dict here")
+    p.set_defaults(run=lambda a: _call("clip_dro.evaluation.run", "evaluate_from_cli", checkpoint=a.checkpoint,
+                                       retrieval=a.retrieval, zeroshot=a.zeroshot, output=a.output,
+                                       batch_size=a.batch_size, export=a.export))
+
+    p = sub.add_parser("quickstart", help="prep synthetic data, train CLIP/SogCLR/iSogCLR on the CPU, compare")
+    p.add_argument("--output", type=Path, default=Path("quickstart"))
+    p.set_defaults(run=lambda a: _call("clip_dro.quickstart", "run_quickstart", output=a.output))
+
+    p = sub.add_parser("bench", help="benchmark suite: loss step, train step, loader, prep (ratios)")
+    p.add_argument("--output", type=Path, default=Path("bench.json"))
+    p.set_defaults(run=lambda a: _call("clip_dro.bench", "run_bench", output=a.output))
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable = args.run
+    try:
+        run(args)
+    except UserError as exc:
+        print(f"clip-dro {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clip-dro {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

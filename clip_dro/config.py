@@ -1,0 +1,242 @@
+"""Typed run configuration: YAML files plus dotted ``key=value`` overrides, validated once at start-up.
+
+Every section is a dataclass; the type hints are the schema. Unknown keys and values of the wrong type or
+range raise :class:`ConfigError` naming the dotted key, so a typo fails before any long work starts.
+"""
+from __future__ import annotations
+
+from clip_dro.errors import UserError
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(UserError):
+    """A configuration key or value that cannot be used; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-vit"
+    pretrained: Optional[str] = None
+    # Local directory of a Hugging Face text model (config, tokenizer and optionally weights) for model
+    # configs whose text tower is a transformers model (e.g. RN50-DistilBERT).
+    text_tower: Optional[str] = None
+    text_tower_pretrained: bool = True
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None
+    batch_size: int = 64
+    workers: int = 0
+    # Number of parallel shard streams that make up each global batch. Fixed lanes make the global batch
+    # independent of the number of processes and workers; null means processes x max(workers, 1).
+    lanes: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_steps: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    output_dir: str = "runs/run"
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 0
+    resume: Optional[str] = None
+    grad_clip_norm: Optional[float] = None
+    log_every: int = 10
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    eval_every: int = 0
+
+
+@dataclass
+class EvalConfig:
+    retrieval: list[str] = field(default_factory=list)
+    zeroshot: list[str] = field(default_factory=list)
+    batch_size: int = 256
+
+
+@dataclass
+class LossConfig:
+    name: Literal["clip", "sogclr", "isogclr", "rgclg"] = "isogclr"
+    gamma: float = 0.8
+    rho: float = 6.0
+    tau_init: float = 0.01
+    tau_min: float = 0.005
+    tau_max: float = 1.0
+    tau_lr: float = 0.03
+    tau_momentum: float = 0.9
+    tau_grad_clip: float = 5.0
+    gamma_schedule: Literal["constant", "cosine"] = "constant"
+    gamma_decay_epochs: int = 1
+    tau_warmup_steps: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if isinstance(value, (str, Path)):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, Path):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def _check(cond: bool, key: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {value!r} {why}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range checks that types alone cannot express."""
+    d, t, lo = cfg.data, cfg.train, cfg.loss
+    _check(d.batch_size >= 2, "data.batch_size", d.batch_size, "must be at least 2 (contrastive losses need negatives)")
+    _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    _check(d.lanes is None or d.lanes >= 1, "data.lanes", d.lanes, "must be >= 1")
+    _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1")
+    _check(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "must be >= 0 (0: only at the end)")
+    _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 0 (0: keep all)")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0: only at the end)")
+    _check(t.grad_clip_norm is None or t.grad_clip_norm > 0, "train.grad_clip_norm", t.grad_clip_norm, "must be > 0")
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
+    _check(0 < lo.gamma <= 1, "loss.gamma", lo.gamma, "must be in (0, 1]")
+    _check(lo.tau_min > 0, "loss.tau_min", lo.tau_min, "must be > 0")
+    _check(lo.tau_max >= lo.tau_min, "loss.tau_max", lo.tau_max, f"must be >= loss.tau_min ({lo.tau_min})")
+    _check(lo.tau_min <= lo.tau_init <= lo.tau_max, "loss.tau_init", lo.tau_init,
+           f"must lie in [loss.tau_min, loss.tau_max] = [{lo.tau_min}, {lo.tau_max}]")
+    _check(lo.tau_lr >= 0, "loss.tau_lr", lo.tau_lr, "must be >= 0")
+    _check(0 <= lo.tau_momentum < 1, "loss.tau_momentum", lo.tau_momentum, "must be in [0, 1)")
+    _check(lo.tau_grad_clip > 0, "loss.tau_grad_clip", lo.tau_grad_clip, "must be > 0")
+    _check(lo.gamma_decay_epochs >= 1, "loss.gamma_decay_epochs", lo.gamma_decay_epochs, "must be >= 1")
+    _check(lo.tau_warmup_steps >= 0, "loss.tau_warmup_steps", lo.tau_warmup_steps, "must be >= 0")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r} as YAML ({exc.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def _apply(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from the defaults), apply ``key=value`` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply(data, keys, value)
+    return validate(_build(Config, data, ""))
+
+
+def config_from_dict(data: dict) -> Config:
+    return validate(_build(Config, data, ""))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
