@@ -6,6 +6,7 @@ from __future__ import annotations
 from clip_dro.errors import UserError
 
 import copy
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,11 @@ def _hf_text_cfg(name: str, text_tower: str, pretrained: bool) -> dict[str, Any]
     text_dir = Path(text_tower)
     if not (text_dir / "config.json").is_file():
         raise ModelError(f"model.text_tower: {text_dir} is not a local Hugging Face model directory (no config.json)")
+    model_type = json.loads((text_dir / "config.json").read_text()).get("model_type")
+    if model_type not in open_clip.hf_configs.arch_dict:
+        # open_clip's HF adapter needs per-architecture attribute names; DistilBERT, for one, is not among them.
+        raise ModelError(f"model.text_tower: {text_dir} is a {model_type!r} model; open_clip supports text towers of "
+                         f"type {', '.join(sorted(open_clip.hf_configs.arch_dict))} (e.g. BERT, MiniLM, RoBERTa)")
     text_cfg = copy.deepcopy(open_clip.get_model_config(name)["text_cfg"])
     text_cfg["hf_model_name"] = str(text_dir)
     text_cfg["hf_tokenizer_name"] = str(text_dir)

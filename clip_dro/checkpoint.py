@@ -1,0 +1,119 @@
+"""Checkpoint directories of a run (SPEC 6): written atomically, found again for resuming, and checked against
+the dataset they are resumed on.
+
+A checkpoint directory holds accelerate's state (model, optimizer, gradient scaler, every process's RNG),
+``loss_state.pt`` (all per-sample state of the loss), ``trainer_state.json`` (position in the data, schedule,
+dataset fingerprint), ``model.pt`` (an open_clip state dict), ``config.yaml`` and, for runs with per-sample
+temperatures, ``temperatures.csv``.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from clip_dro.errors import UserError
+
+TRAINER_STATE = "trainer_state.json"
+LOSS_STATE = "loss_state.pt"
+MODEL_FILE = "model.pt"
+TEMPERATURES_FILE = "temperatures.csv"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, incomplete, or belongs to another dataset or model."""
+
+
+@dataclass
+class TrainerState:
+    global_step: int
+    epoch: int
+    step_in_epoch: int
+    dataset_id: str
+    num_images: int
+    num_texts: int
+    model_name: str
+    loss_name: str
+    scheduler: dict
+
+    def write(self, directory: Path) -> None:
+        (directory / TRAINER_STATE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, directory: Path) -> "TrainerState":
+        path = directory / TRAINER_STATE
+        if not path.is_file():
+            raise CheckpointError(f"{directory} is not a complete checkpoint: {TRAINER_STATE} is missing")
+        return cls(**json.loads(path.read_text()))
+
+    def check_compatible(self, directory: Path, dataset_id: str, num_images: int, num_texts: int,
+                         model_name: str, loss_name: str) -> None:
+        if (self.dataset_id, self.num_images, self.num_texts) != (dataset_id, num_images, num_texts):
+            raise CheckpointError(
+                f"checkpoint {directory} was trained on another dataset (id {self.dataset_id}, "
+                f"{self.num_images} images, {self.num_texts} texts) than data.train (id {dataset_id}, "
+                f"{num_images} images, {num_texts} texts)")
+        if self.model_name != model_name:
+            raise CheckpointError(f"checkpoint {directory} holds model {self.model_name!r}, config asks for "
+                                  f"model.name {model_name!r}")
+        if self.loss_name != loss_name:
+            raise CheckpointError(f"checkpoint {directory} was trained with loss {self.loss_name!r}, config asks "
+                                  f"for loss.name {loss_name!r}")
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
+    """Complete ``checkpoints/step-N`` directories of a run, oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / TRAINER_STATE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
+    """``null`` -> None; ``latest`` -> the newest complete checkpoint of this run (None if there is none yet);
+    otherwise the named checkpoint directory, which must be complete."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = step_dirs(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(f"train.resume: {path} is not a complete checkpoint directory ({TRAINER_STATE} missing)")
+    return path
+
+
+def write_temperatures(path: Path, tau_img: torch.Tensor, tau_txt: torch.Tensor) -> None:
+    """``side,index,tau`` rows for every image and text (SPEC 5)."""
+    import pandas as pd
+
+    frames = [pd.DataFrame({"side": side, "index": range(len(tau)), "tau": tau.detach().float().cpu().numpy()})
+              for side, tau in (("image", tau_img), ("text", tau_txt))]
+    pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+
+
+def publish(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written checkpoint into place, replacing an older one of the same name."""
+    if final_dir.exists():
+        old = final_dir.with_name(final_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final_dir.rename(old)
+        tmp_dir.rename(final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp_dir.rename(final_dir)
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep only the newest ``keep`` step checkpoints (0 keeps all)."""
+    if keep > 0:
+        for old in step_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,48 @@
+"""Image-text retrieval recall@k with CLIP_benchmark's definitions (SPEC 5), in bounded memory.
+
+* ``i2t_R@k``: an image query is a hit if **any** of its captions is among the k most similar captions.
+* ``t2i_R@k``: a caption query is a hit if its image is among the k most similar images.
+* ``r_mean``: the mean of the six recalls (k = 1, 5, 10). All values are percentages.
+
+"Among the k most similar" follows :mod:`clip_dro.evaluation.ranking` (descending score, ties to the lower
+index). An image without captions counts as a miss, as CLIP_benchmark's 0/0 recall does.
+Queries are processed in blocks: at most ``block_size`` rows of the image-caption similarity matrix exist at
+any time (memory O(block_size x candidates), about 100 MB for 25k captions at the default), never all of it.
+"""
+from __future__ import annotations
+
+import torch
+
+from clip_dro.evaluation.ranking import best_positive_rank
+
+RECALL_KS = (1, 5, 10)
+
+
+def _ranks(queries: torch.Tensor, candidates: torch.Tensor, query_ids: torch.Tensor, candidate_ids: torch.Tensor,
+           block_size: int) -> torch.Tensor:
+    """Best-positive rank of every query, where a candidate is a positive when its id equals the query's."""
+    ranks = []
+    for start in range(0, len(queries), block_size):
+        block = slice(start, start + block_size)
+        scores = queries[block] @ candidates.T
+        positive = query_ids[block, None] == candidate_ids[None, :]
+        ranks.append(best_positive_rank(scores, positive))
+    return torch.cat(ranks)
+
+
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
+                      ks: tuple[int, ...] = RECALL_KS, block_size: int = 512) -> dict[str, float]:
+    """Recall@k both ways from L2-normalized ``image_features`` [N, d], ``text_features`` [M, d] and
+    ``text_to_image`` [M] (the row of each caption's image in ``image_features``)."""
+    image_features = image_features.float()
+    text_features = text_features.float().to(image_features.device)
+    text_to_image = text_to_image.long().to(image_features.device)
+    image_ids = torch.arange(len(image_features), device=image_features.device)
+    i2t = _ranks(image_features, text_features, image_ids, text_to_image, block_size)
+    t2i = _ranks(text_features, image_features, text_to_image, image_ids, block_size)
+    metrics = {}
+    for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+        for k in ks:
+            metrics[f"{name}_R@{k}"] = 100.0 * (ranks < k).float().mean().item()
+    metrics["r_mean"] = sum(metrics.values()) / len(metrics)
+    return metrics

@@ -1,0 +1,44 @@
+"""Zero-shot classification with CLIP_benchmark's definitions (SPEC 5).
+
+A class embedding is the normalized mean of the normalized embeddings of its prompts (every template filled
+with the class name): open_clip's ``build_zero_shot_classifier`` computes exactly that. An image's logits are
+its cosine similarities to the class embeddings.
+
+Metrics, in percent: ``acc1`` and ``acc5`` (the true class among the top 1 / 5 classes, ties ordered as in
+:mod:`clip_dro.evaluation.ranking`; ``acc5`` is null for fewer than 5 classes, where CLIP_benchmark reports
+NaN) and ``mean_per_class_recall`` (balanced accuracy: the mean over the classes present in the labels of
+the fraction of their images classified correctly at top 1).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import open_clip
+import torch
+
+from clip_dro.evaluation.ranking import best_positive_rank
+
+
+def zero_shot_classifier(model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str],
+                         templates: Sequence[Callable[[str], str]], device: torch.device | str) -> torch.Tensor:
+    """Class embeddings [d, C] (columns L2-normalized) from prompts ``template(classname)``."""
+    return open_clip.build_zero_shot_classifier(model, tokenizer, list(classnames), list(templates),
+                                                num_classes_per_batch=10, device=device, use_tqdm=False).float()
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Optional[float]]:
+    """``acc1``, ``acc5`` and ``mean_per_class_recall`` from ``logits`` [N, C] and integer ``labels`` [N]."""
+    num_classes = logits.shape[1]
+    labels = labels.long().to(logits.device)
+    positive = torch.nn.functional.one_hot(labels, num_classes).bool()
+    rank = best_positive_rank(logits.float(), positive)
+    correct = (rank < 1).float()
+    count = torch.bincount(labels, minlength=num_classes)
+    hits = torch.bincount(labels, weights=correct, minlength=num_classes)
+    present = count > 0
+    per_class = hits[present] / count[present]
+    return {
+        "acc1": 100.0 * correct.mean().item(),
+        "acc5": 100.0 * (rank < 5).float().mean().item() if num_classes >= 5 else None,
+        "mean_per_class_recall": 100.0 * per_class.mean().item(),
+    }
