@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="prep synthetic data, train CLIP/SogCLR/iSogCLR on the CPU, compare")
     p.add_argument("--output", type=Path, default=Path("quickstart"))
-    p.set_defaults(run=lambda a: _call("clip_dro.quickstart", "run_quickstart", output=a.output))
+    p.add_argument("--steps", type=int, default=None, help="training steps per loss (default: tiny_cpu.yaml's)")
+    p.add_argument("--num-train", type=int, default=None, help="synthetic training images (default 4000)")
+    p.set_defaults(run=lambda a: _call("clip_dro.quickstart", "run_quickstart", output=a.output, steps=a.steps,
+                                       num_train=a.num_train))
 
     p = sub.add_parser("bench", help="benchmark suite: loss step, train step, loader, prep (ratios)")
     p.add_argument("--output", type=Path, default=Path("bench.json"))

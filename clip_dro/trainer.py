@@ -278,6 +278,8 @@ class Trainer:
                         metrics = {"step": self.global_step, "epoch": self.epoch, "loss": loss,
                                    "lr": self.scheduler.get_last_lr()[0],
                                    "samples_per_s": window_samples / max(elapsed, 1e-9), **self.loss_fn.stats()}
+                        if torch.cuda.is_available():
+                            metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
                         self._log(metrics)
                         bar.set_postfix(loss=f"{loss:.4f}", sps=f"{metrics['samples_per_s']:.0f}",
                                         lr=f"{metrics['lr']:.2e}",

@@ -147,16 +147,22 @@ def parse_retrieval_sample(where: str, has_image: bool, text: Optional[str],
 
 
 def check_retrieval_set(directory: str | Path) -> RetrievalSetInfo:
-    """Check every sample of a retrieval set (image present, captions, indices) without decoding images."""
+    """Check every sample of a retrieval set (an image, captions, indices, each image once) without decoding
+    images."""
     directory = require_dir(directory, "retrieval set")
     manifest = load_manifest(directory)
     if manifest.num_samples == 0:
         raise EvalSetError(f"retrieval set {directory} holds no samples")
     num_samples = num_texts = 0
+    seen_images: set[int] = set()
     for sample in scan_shards(directory, manifest, {"txt", "json"}):
         text = sample.data["txt"].decode("utf-8") if "txt" in sample.data else None
-        captions, _, _ = parse_retrieval_sample(sample.where, _has_image(sample.extensions), text,
-                                                _parse_json(sample.where, sample.data.get("json")))
+        captions, image_index, _ = parse_retrieval_sample(sample.where, _has_image(sample.extensions), text,
+                                                          _parse_json(sample.where, sample.data.get("json")))
+        if image_index in seen_images:
+            raise EvalSetError(f"{sample.where}: image_index {image_index} appears in an earlier sample; a "
+                               "retrieval set holds each image once, with all its captions")
+        seen_images.add(image_index)
         num_samples += 1
         num_texts += len(captions)
     if num_samples != manifest.num_samples:

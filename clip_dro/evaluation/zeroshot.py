@@ -5,13 +5,13 @@ with the class name): open_clip's ``build_zero_shot_classifier`` computes exactl
 its cosine similarities to the class embeddings.
 
 Metrics, in percent: ``acc1`` and ``acc5`` (the true class among the top 1 / 5 classes, ties ordered as in
-:mod:`clip_dro.evaluation.ranking`; ``acc5`` is null for fewer than 5 classes, where CLIP_benchmark reports
-NaN) and ``mean_per_class_recall`` (balanced accuracy: the mean over the classes present in the labels of
+:mod:`clip_dro.evaluation.ranking`; ``acc5`` is left out for fewer than 5 classes, where CLIP_benchmark
+reports NaN) and ``mean_per_class_recall`` (balanced accuracy: the mean over the classes present in the labels of
 the fraction of their images classified correctly at top 1).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import open_clip
 import torch
@@ -26,7 +26,7 @@ def zero_shot_classifier(model: torch.nn.Module, tokenizer: Callable, classnames
                                                 num_classes_per_batch=10, device=device, use_tqdm=False).float()
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Optional[float]]:
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """``acc1``, ``acc5`` and ``mean_per_class_recall`` from ``logits`` [N, C] and integer ``labels`` [N]."""
     num_classes = logits.shape[1]
     labels = labels.long().to(logits.device)
@@ -37,8 +37,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     hits = torch.bincount(labels, weights=correct, minlength=num_classes)
     present = count > 0
     per_class = hits[present] / count[present]
-    return {
-        "acc1": 100.0 * correct.mean().item(),
-        "acc5": 100.0 * (rank < 5).float().mean().item() if num_classes >= 5 else None,
-        "mean_per_class_recall": 100.0 * per_class.mean().item(),
-    }
+    metrics = {"acc1": 100.0 * correct.mean().item()}
+    if num_classes >= 5:
+        metrics["acc5"] = 100.0 * (rank < 5).float().mean().item()
+    metrics["mean_per_class_recall"] = 100.0 * per_class.mean().item()
+    return metrics

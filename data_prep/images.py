@@ -1,0 +1,87 @@
+"""Image work of the prep writers: decode, check, optionally shrink, encode. Runs in worker processes.
+
+Every loader here is a module-level function ``load(arg, image_size) -> EncodedImage`` (so that a process
+pool can pickle it by reference) and raises ``BadImage(reason)`` for an image that cannot be used; the writer
+turns that into a rejected row.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from PIL import Image
+
+# Formats a sample may carry unchanged (SPEC 3.1); anything else is re-encoded as JPEG.
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+JPEG_QUALITY = 90
+RESAMPLE = Image.Resampling.BICUBIC
+
+
+class BadImage(Exception):
+    """An image that cannot become a sample; ``str(exc)`` is the reason written to rejected.jsonl."""
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    ext: str
+    width: int
+    height: int
+
+
+def shorter_side_size(width: int, height: int, image_size: Optional[int]) -> Optional[tuple[int, int]]:
+    """The (width, height) that makes the shorter side ``image_size``; None when no resize is due.
+
+    Only shrinks: enlarging would make shards bigger without adding information.
+    """
+    if image_size is None or min(width, height) <= image_size:
+        return None
+    scale = image_size / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def encode_jpeg(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="JPEG", quality=JPEG_QUALITY)
+    return out.getvalue()
+
+
+def encode_bytes(data: bytes, image_size: Optional[int]) -> EncodedImage:
+    """Decode ``data`` fully (a truncated file fails here, not in training), shrink if asked, encode.
+
+    Unchanged images in a kept format keep their original bytes; JPEGs being shrunk are decoded at a reduced
+    DCT scale first (PIL's draft mode), which is most of the speed of shrinking.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        image_format = image.format
+        target = shorter_side_size(image.width, image.height, image_size)
+        if target is not None and image_format == "JPEG":
+            image.draft("RGB", target)
+        image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadImage(f"undecodable image ({exc})") from None
+    if target is not None:
+        image = image.convert("RGB").resize(target, RESAMPLE)
+        return EncodedImage(encode_jpeg(image), "jpg", image.width, image.height)
+    if image_format in KEPT_FORMATS:
+        return EncodedImage(data, KEPT_FORMATS[image_format], image.width, image.height)
+    return EncodedImage(encode_jpeg(image), "jpg", image.width, image.height)
+
+
+def load_file(path: str, image_size: Optional[int]) -> EncodedImage:
+    """Loader for an image file on disk (tabular and COCO sources)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise BadImage(f"missing file {path}") from None
+    except OSError as exc:
+        raise BadImage(f"unreadable file {path} ({exc.strerror})") from None
+    return encode_bytes(data, image_size)
+
+
+def load_bytes(data: bytes, image_size: Optional[int]) -> EncodedImage:
+    """Loader for image bytes already in memory (re-sharded webdataset samples)."""
+    return encode_bytes(data, image_size)

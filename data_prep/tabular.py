@@ -1,0 +1,96 @@
+"""``clip-dro prep csv``: a table of image path + caption (csv, tsv, parquet, jsonl) -> prep shards.
+
+A row is one (image, caption) pair; rows naming the same image form one sample whose captions keep the
+rows' order, and samples follow the order in which images first appear. Rows are numbered from 0 (header
+excluded) in rejected.jsonl. Only the image path is kept as a source field (other columns may differ between
+the rows of one image).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import pandas as pd
+
+from clip_dro.manifest import Manifest
+from data_prep.images import load_file
+from data_prep.writer import (Candidate, Item, PrepError, Rejection, check_options, clean_caption,
+                              file_sha256, write_dataset)
+
+
+def _read_csv(sep: str) -> Callable[[Path], pd.DataFrame]:
+    # Strings only, and "" stays "" (not NaN), so paths and captions arrive as written.
+    return lambda path: pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+
+
+READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
+    ".csv": _read_csv(","),
+    ".tsv": _read_csv("\t"),
+    ".parquet": pd.read_parquet,
+    ".jsonl": lambda path: pd.read_json(path, lines=True, dtype=False),
+}
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """The table at ``path``, read by the pandas reader its extension names; a UserError otherwise."""
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise PrepError(f"--input {path}: unknown table format {path.suffix!r} (expected one of {sorted(READERS)})")
+    if not path.is_file():
+        raise PrepError(f"--input {path}: no such file")
+    try:
+        return reader(path)
+    except Exception as exc:  # pandas and pyarrow raise many types for a malformed file
+        raise PrepError(f"--input {path}: cannot read as {path.suffix[1:]} ({type(exc).__name__}: {exc})") from None
+
+
+def _image_path(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value).strip()
+
+
+def group_rows(paths: list[Any], captions: list[Any], image_root: Optional[Path]) -> Iterator[Item]:
+    """Rows -> one Candidate per image (first-appearance order) and a Rejection per unusable row."""
+    groups: dict[str, list[int]] = {}
+    for row, value in enumerate(paths):
+        groups.setdefault(_image_path(value), []).append(row)
+    for image, rows in groups.items():
+        records = [{"row": r, "image": image, "caption": captions[r]} for r in rows]
+        good = []
+        for record in records:
+            if not image:
+                yield Rejection(record, "missing image path")
+            elif not clean_caption(record["caption"]):
+                yield Rejection(record, "empty caption")
+            else:
+                good.append(record)
+        if good:
+            full_path = Path(image) if image_root is None else image_root / image
+            yield Candidate(rows=good, captions=[clean_caption(r["caption"]) for r in good], load=load_file,
+                            arg=str(full_path), fields={"image": image})
+
+
+def _json_safe(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+def prep_table(input: Path, output: Path, image_col: str, caption_col: str, image_root: Optional[Path] = None,
+               shard_size: int = 1000, image_size: Optional[int] = None, workers: Optional[int] = None
+               ) -> Manifest:
+    """Prep the table ``input`` into ``output`` (SPEC 2, ``prep csv``); returns the manifest."""
+    input, output = Path(input), Path(output)
+    check_options(shard_size, image_size)
+    if image_root is not None and not Path(image_root).is_dir():
+        raise PrepError(f"--image-root {image_root}: not a directory")
+    table = read_table(input)
+    for option, column in (("--image-col", image_col), ("--caption-col", caption_col)):
+        if column not in table.columns:
+            raise PrepError(f"{input}: {option} {column!r} is not a column (columns: {list(map(str, table.columns))})")
+    root = None if image_root is None else Path(image_root).resolve()
+    source = {"kind": "csv", "path": str(input.resolve()), "sha256": file_sha256(input), "image_col": image_col,
+              "caption_col": caption_col, "image_root": None if root is None else str(root),
+              "shard_size": shard_size, "image_size": image_size}
+    captions = [_json_safe(c) for c in table[caption_col].tolist()]
+    paths = table[image_col].tolist()
+    return write_dataset(output, source, group_rows(paths, captions, root), shard_size=shard_size,
+                         image_size=image_size, workers=workers, total=len(set(map(_image_path, paths))),
+                         rows_read=len(table), desc=f"prep {input.name}")
