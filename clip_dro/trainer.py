@@ -210,16 +210,14 @@ class Trainer:
             self._nonfinite("features", batch)
             return None, stop
         # Per-sample state updates inside the loss never see non-finite features (checked above).
-        loss = self.loss_fn(image_features.float(), text_features.float(),
-                            batch.image_index.to(acc.device), batch.text_index.to(acc.device))
+        # Indices stay on the CPU: the loss's range check then needs no device sync.
+        loss = self.loss_fn(image_features, text_features, batch.image_index, batch.text_index)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"non-finite loss at step {self.global_step + 1} with finite features "
                                 f"(image_index: {batch.image_index.tolist()}); stopped")
+        # The losses compute their own parameters' gradients (CLIP's logit scale) globally, identical on every
+        # process, so only the model's gradients need DDP's averaging.
         acc.backward(loss)
-        for p in self.loss_fn.parameters():
-            if p.grad is not None and acc.num_processes > 1:
-                # The loss's own temperature sits outside DDP: average its gradient like DDP does.
-                p.grad = acc.reduce(p.grad, reduction="mean")
         if self.cfg.train.grad_clip_norm is not None:
             acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip_norm)
         self.optimizer.step()

@@ -156,7 +156,10 @@ def check_retrieval_set(directory: str | Path) -> RetrievalSetInfo:
     num_samples = num_texts = 0
     seen_images: set[int] = set()
     for sample in scan_shards(directory, manifest, {"txt", "json"}):
-        text = sample.data["txt"].decode("utf-8") if "txt" in sample.data else None
+        try:
+            text = sample.data["txt"].decode("utf-8") if "txt" in sample.data else None
+        except UnicodeDecodeError:
+            raise EvalSetError(f"{sample.where}: .txt is not UTF-8 text") from None
         captions, image_index, _ = parse_retrieval_sample(sample.where, _has_image(sample.extensions), text,
                                                           _parse_json(sample.where, sample.data.get("json")))
         if image_index in seen_images:

@@ -5,7 +5,6 @@ A run directory holds ``final/`` once training has finished and ``checkpoints/st
 """
 from __future__ import annotations
 
-import pickle
 import re
 from pathlib import Path
 
@@ -58,9 +57,12 @@ def load_checkpoint_model(ckpt_dir: str | Path) -> tuple[ModelBundle, Config]:
     weights = ckpt_dir / MODEL_NAME
     try:
         bundle = build_model(cfg.model.name, pretrained=str(weights), text_tower=cfg.model.text_tower)
-    except (RuntimeError, pickle.UnpicklingError) as exc:
-        # Mostly load_state_dict's report of missing, unexpected or mis-shaped keys: keep its start.
-        detail = " ".join(str(exc).split())[:300]
+    except UserError:
+        raise
+    except Exception as exc:
+        # The architecture builds without weights, so a failure here is the weights file's: load_state_dict's
+        # RuntimeError (missing, unexpected, mis-shaped keys), open_clip's shape asserts, or an unreadable file.
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         raise CheckpointError(f"checkpoint {weights} does not match model {cfg.model.name!r} of its config "
                               f"{ckpt_dir / CONFIG_NAME}: {detail}") from None
     return bundle, cfg

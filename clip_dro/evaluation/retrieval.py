@@ -7,27 +7,22 @@
 "Among the k most similar" follows :mod:`clip_dro.evaluation.ranking` (descending score, ties to the lower
 index). An image without captions counts as a miss, as CLIP_benchmark's 0/0 recall does.
 Queries are processed in blocks: at most ``block_size`` rows of the image-caption similarity matrix exist at
-any time (memory O(block_size x candidates), about 100 MB for 25k captions at the default), never all of it.
+any time, never all of it (memory about 8 bytes x block_size x candidates: 100 MB for 25k captions).
 """
 from __future__ import annotations
 
 import torch
 
-from clip_dro.evaluation.ranking import best_positive_rank
+from clip_dro.evaluation.ranking import best_positive_rank, group_positives
 
 RECALL_KS = (1, 5, 10)
 
 
-def _ranks(queries: torch.Tensor, candidates: torch.Tensor, query_ids: torch.Tensor, candidate_ids: torch.Tensor,
-           block_size: int) -> torch.Tensor:
-    """Best-positive rank of every query, where a candidate is a positive when its id equals the query's."""
-    ranks = []
-    for start in range(0, len(queries), block_size):
-        block = slice(start, start + block_size)
-        scores = queries[block] @ candidates.T
-        positive = query_ids[block, None] == candidate_ids[None, :]
-        ranks.append(best_positive_rank(scores, positive))
-    return torch.cat(ranks)
+def _ranks(queries: torch.Tensor, candidates: torch.Tensor, positives: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Best-positive rank of every query; ``positives`` [Q, P] as in :func:`best_positive_rank`."""
+    return torch.cat([best_positive_rank(queries[start:start + block_size] @ candidates.T,
+                                         positives[start:start + block_size])
+                      for start in range(0, len(queries), block_size)])
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
@@ -37,12 +32,11 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     image_features = image_features.float()
     text_features = text_features.float().to(image_features.device)
     text_to_image = text_to_image.long().to(image_features.device)
-    image_ids = torch.arange(len(image_features), device=image_features.device)
-    i2t = _ranks(image_features, text_features, image_ids, text_to_image, block_size)
-    t2i = _ranks(text_features, image_features, text_to_image, image_ids, block_size)
+    i2t = _ranks(image_features, text_features, group_positives(text_to_image, len(image_features)), block_size)
+    t2i = _ranks(text_features, image_features, text_to_image[:, None], block_size)
     metrics = {}
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
         for k in ks:
-            metrics[f"{name}_R@{k}"] = 100.0 * (ranks < k).float().mean().item()
+            metrics[f"{name}_R@{k}"] = 100.0 * (ranks < k).sum().item() / len(ranks)
     metrics["r_mean"] = sum(metrics.values()) / len(metrics)
     return metrics

@@ -106,9 +106,13 @@ def evaluate(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable,
 
 
 def results_table(results: Sequence[dict[str, Any]]) -> str:
-    """One row per (task, dataset), one column per metric."""
+    """One table per task: a row per dataset, a column per metric."""
     frame = pd.DataFrame([{"task": r["task"], "dataset": r["dataset"], **r["metrics"]} for r in results])
-    return frame.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-")
+    tables = []
+    for task, rows in frame.groupby("task", sort=False):
+        rows = rows.drop(columns="task").dropna(axis=1, how="all")
+        tables.append(f"{task}:\n" + rows.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
+    return "\n\n".join(tables)
 
 
 def _run_temperature_analysis(ckpt_dir: Path, train_dir: Optional[str]) -> None:
@@ -137,7 +141,7 @@ def _export(source: Path, export: Path) -> Path:
 def evaluate_from_cli(checkpoint: str | Path, retrieval: Sequence[str | Path], zeroshot: Sequence[str | Path],
                       output: Optional[str | Path], batch_size: int, export: Optional[str | Path]) -> dict[str, Any]:
     """``clip-dro eval``: evaluate a run directory's final (or latest) checkpoint or a checkpoint directory on
-    the given sets (default: the config's ``eval.retrieval`` / ``eval.zeroshot``), write
+    the given sets (when none is given: the config's ``eval.retrieval`` and ``eval.zeroshot``), write
     ``{"checkpoint": ..., "results": [...]}`` to ``output`` (default ``<checkpoint>/eval.json``), print a
     table, analyse the temperatures when the checkpoint has ``temperatures.csv``, and copy the open_clip
     state dict to ``export`` when given. Returns the JSON document."""
@@ -145,8 +149,9 @@ def evaluate_from_cli(checkpoint: str | Path, retrieval: Sequence[str | Path], z
     cfg = load_checkpoint_config(ckpt_dir)
     if batch_size < 1:
         raise EvalError(f"--batch-size must be at least 1, got {batch_size}")
-    retrieval = list(retrieval) or list(cfg.eval.retrieval)
-    zeroshot = list(zeroshot) or list(cfg.eval.zeroshot)
+    retrieval, zeroshot = list(retrieval), list(zeroshot)
+    if not retrieval and not zeroshot:
+        retrieval, zeroshot = list(cfg.eval.retrieval), list(cfg.eval.zeroshot)
     if not retrieval and not zeroshot and export is None:
         raise EvalError(f"nothing to evaluate: pass --retrieval/--zeroshot, or set eval.retrieval/eval.zeroshot "
                         f"in {ckpt_dir / 'config.yaml'}")

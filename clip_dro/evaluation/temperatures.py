@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from clip_dro.data.eval_sets import iter_sample_json, require_dir
 from clip_dro.errors import UserError
@@ -26,6 +27,9 @@ from clip_dro.errors import UserError
 SIDES = ("image", "text")
 COLUMNS = ("side", "index", "tau")
 _MAX_SCATTER_POINTS = 20000
+# Means of equal temperatures can differ in their last bits (0.05 x 3 / 3 != 0.05); unrounded, they would rank
+# as different values.
+_MEAN_DECIMALS = 12
 
 
 class TemperatureError(UserError):
@@ -108,10 +112,11 @@ def _plot_frequency(joined: dict[str, pd.DataFrame], per_concept: pd.DataFrame, 
         shown = frame.sample(_MAX_SCATTER_POINTS, random_state=0) if len(frame) > _MAX_SCATTER_POINTS else frame
         ax.scatter(shown["concept_frequency"], shown["tau"], s=4, alpha=0.2, label="samples")
         means = per_concept.dropna(subset=[f"tau_{side}_mean"]).sort_values("concept_frequency")
-        ax.plot(means["concept_frequency"], means[f"tau_{side}_mean"], "o-", color="black", ms=3,
+        ax.plot(means["concept_frequency"], means[f"tau_{side}_mean"], "o", color="black", ms=4,
                 label="per-concept mean")
         if (frame["concept_frequency"] > 0).all():
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
         rho = correlations[side]["spearman"]
         ax.set_title(f"{side}: Spearman ρ = {rho:.3f}" if rho is not None else f"{side}: Spearman ρ undefined")
         ax.set_xlabel("concept frequency")
@@ -152,7 +157,7 @@ def analyze_temperatures(temperatures_csv: str | Path, train_dir: Optional[str |
         joined = {side: _join(taus[side], concepts[side], side, temperatures_csv, Path(train_dir)) for side in SIDES}
         per_side = [j.groupby(["concept", "concept_frequency"])["tau"].agg(["count", "mean"])
                     .rename(columns={"count": f"num_{side}", "mean": f"tau_{side}_mean"}) for side, j in joined.items()]
-        per_concept = (pd.concat(per_side, axis=1).reset_index()
+        per_concept = (pd.concat(per_side, axis=1).round(_MEAN_DECIMALS).reset_index()
                        .sort_values("concept_frequency", ascending=False, kind="stable"))
         correlations = {side: {
             "spearman": spearman(joined[side]["concept_frequency"], joined[side]["tau"]),

@@ -1,0 +1,187 @@
+"""What every loss shares: hyperparameters, step/epoch counters, input checks and the global batch."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from clip_dro.errors import UserError
+from clip_dro.losses.distributed import gather_features, process_group
+from clip_dro.losses.schedules import GAMMA_SCHEDULES, check_rho, gamma_at
+from clip_dro.losses.state import LossStateSizeError, check_indices
+
+
+@dataclass
+class GlobalBatch:
+    """One step's features: this process's (autograd-connected) and everyone's (no gradient), in rank order."""
+
+    image: Tensor
+    text: Tensor
+    image_all: Tensor
+    text_all: Tensor
+    image_index: Tensor
+    text_index: Tensor
+    world_size: int
+    offset: int
+
+    @property
+    def local_size(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.image_all.shape[0]
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise UserError(f"loss.{key} = {value!r}: {why}")
+
+
+class ContrastiveLoss(nn.Module):
+    """Base of CLIPLoss, SogCLRLoss, ISogCLRLoss and RGCLgLoss (see their docstrings).
+
+    Counters ``step`` (forward calls so far: the temperature warm-up counts these) and ``epoch`` (the last
+    ``set_epoch``) and the dataset ``sizes`` are buffers, so ``state_dict()`` resumes them exactly; loading a
+    state of other sizes raises ``LossStateSizeError``.
+    """
+
+    learns_tau_by_rho = False  # whether ρ drives a temperature (then ρ is checked against the batch)
+
+    def __init__(self, num_images: int, num_texts: int, *, gamma: float = 0.8, rho: float = 6.0,
+                 tau_init: float = 0.01, tau_min: float = 0.005, tau_max: float = 1.0, tau_lr: float = 0.03,
+                 tau_momentum: float = 0.9, tau_grad_clip: float = 5.0, gamma_schedule: str = "constant",
+                 gamma_decay_epochs: float = 1, tau_warmup_steps: int = 0) -> None:
+        super().__init__()
+        _require(int(num_images) >= 1, "num_images", num_images, "must be >= 1")
+        _require(int(num_texts) >= 1, "num_texts", num_texts, "must be >= 1")
+        _require(0 < gamma <= 1, "gamma", gamma, "must be in (0, 1]")
+        _require(tau_min > 0, "tau_min", tau_min, "must be > 0")
+        _require(tau_max >= tau_min, "tau_max", tau_max, f"must be >= loss.tau_min ({tau_min})")
+        _require(tau_min <= tau_init <= tau_max, "tau_init", tau_init, f"must lie in [{tau_min}, {tau_max}]")
+        _require(tau_lr >= 0, "tau_lr", tau_lr, "must be >= 0")
+        _require(0 <= tau_momentum <= 1, "tau_momentum", tau_momentum, "must be in [0, 1]")
+        _require(tau_grad_clip > 0, "tau_grad_clip", tau_grad_clip, "must be > 0")
+        _require(gamma_schedule in GAMMA_SCHEDULES, "gamma_schedule", gamma_schedule,
+                 f"must be one of {', '.join(GAMMA_SCHEDULES)}")
+        _require(gamma_decay_epochs > 0, "gamma_decay_epochs", gamma_decay_epochs, "must be > 0")
+        _require(int(tau_warmup_steps) >= 0, "tau_warmup_steps", tau_warmup_steps, "must be >= 0")
+        self.num_images, self.num_texts = int(num_images), int(num_texts)
+        self.gamma, self.rho = float(gamma), float(rho)
+        self.tau_init, self.tau_min, self.tau_max = float(tau_init), float(tau_min), float(tau_max)
+        self.tau_lr, self.tau_momentum, self.tau_grad_clip = float(tau_lr), float(tau_momentum), float(tau_grad_clip)
+        self.gamma_schedule, self.gamma_decay_epochs = gamma_schedule, float(gamma_decay_epochs)
+        self.tau_warmup_steps = int(tau_warmup_steps)
+        self.register_buffer("sizes", torch.tensor([self.num_images, self.num_texts]))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.float64))
+        # Python mirrors of the counters, so that forward never waits on the device to read them.
+        self._step, self._epoch = 0, 0.0
+        self._rho_checked = False
+        self._last: dict[str, Tensor] = {}
+
+    # -- schedule and counters ---------------------------------------------------------------------------
+    def set_epoch(self, epoch: float) -> None:
+        """Set the (fractional) training epoch that the γ schedule follows."""
+        self._epoch = float(epoch)
+        self.epoch.fill_(self._epoch)
+
+    @property
+    def current_gamma(self) -> float:
+        return gamma_at(self._epoch, self.gamma, self.gamma_schedule, self.gamma_decay_epochs)
+
+    @property
+    def steps_done(self) -> int:
+        return self._step
+
+    def _tau_held(self) -> bool:
+        """Whether this step is inside the temperature warm-up (the first ``tau_warmup_steps`` forward calls)."""
+        return self._step < self.tau_warmup_steps
+
+    def _count_step(self) -> None:
+        self._step += 1
+        self.step.fill_(self._step)
+
+    def after_optimizer_step(self) -> None:
+        """Hook for the training loop after each optimizer step (CLIP clamps its logit scale)."""
+
+    # -- reporting -------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        """Values of the last step for logging (one device synchronisation); see the subclass docstrings."""
+        out = {name: float(value) for name, value in self._last.items()}
+        out["gamma"] = self.current_gamma
+        return out
+
+    def bytes_per_sample(self) -> dict[str, int]:
+        """Bytes of per-sample state per image and per caption (SPEC: at most 24)."""
+        return {"image": 0, "text": 0}
+
+    @property
+    def tau_img(self) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def tau_txt(self) -> Tensor:
+        raise NotImplementedError
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        sizes = state_dict.get(prefix + "sizes")
+        if sizes is not None and [int(v) for v in sizes] != [self.num_images, self.num_texts]:
+            raise LossStateSizeError(
+                f"loss state is for num_images={int(sizes[0])}, num_texts={int(sizes[1])} but this loss was built "
+                f"for num_images={self.num_images}, num_texts={self.num_texts} (a checkpoint of another dataset?)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._step, self._epoch = int(self.step), float(self.epoch)
+
+    # -- the step ------------------------------------------------------------------------------------------
+    def forward(self, image_features: Tensor, text_features: Tensor, image_index: Tensor,
+                text_index: Tensor) -> Tensor:
+        """The loss of this step, after updating the per-sample state (see the class docstring)."""
+        batch = self._global_batch(image_features, text_features, image_index, text_index)
+        with torch.autocast(device_type=batch.image.device.type, enabled=False):
+            loss = self._step_loss(batch)
+        self._count_step()
+        return loss
+
+    def _step_loss(self, batch: GlobalBatch) -> Tensor:
+        raise NotImplementedError
+
+    def _global_batch(self, image: Tensor, text: Tensor, image_index: Tensor, text_index: Tensor) -> GlobalBatch:
+        if image.dim() != 2 or text.shape != image.shape:
+            raise ValueError(f"image and text features must both be (batch, dim); got {tuple(image.shape)} and "
+                             f"{tuple(text.shape)}")
+        local = image.shape[0]
+        check_indices(image_index, self.num_images, "image_index", local)
+        check_indices(text_index, self.num_texts, "text_index", local)
+        device = self.sizes.device
+        if image.device != device or text.device != device:
+            raise ValueError(f"features are on {image.device} but the loss state is on {device}: move the loss "
+                             f"with loss.to(device)")
+        rank, world_size = process_group()
+        if local * world_size < 2:
+            raise ValueError(f"global batch of {local * world_size}: contrastive losses need at least 2 pairs")
+        self._check_rho_once(local * world_size)
+        dtype = torch.float64 if torch.float64 in (image.dtype, text.dtype) else torch.float32
+        image, text = image.to(dtype), text.to(dtype)
+        image_all, text_all = gather_features(image, text, world_size)
+        return GlobalBatch(image, text, image_all, text_all, image_index.to(device, torch.int64),
+                           text_index.to(device, torch.int64), world_size, rank * local)
+
+    def _check_rho_once(self, global_batch: int) -> None:
+        if self.learns_tau_by_rho and not self._rho_checked:
+            self._rho_checked = True
+            message = check_rho(self.rho, global_batch)
+            if message is not None:
+                warnings.warn(message, UserWarning, stacklevel=6)  # at the caller of loss(...)
+
+
+def expanded(value: Tensor, length: int) -> Tensor:
+    """A 1-element temperature seen as a per-sample tensor (a view: no memory per sample)."""
+    return value.reshape(1).expand(length)
+
