@@ -67,13 +67,14 @@ class TrainerState:
                                   f"for loss.name {loss_name!r}")
 
 
-def step_dirs(run_dir: Path) -> list[Path]:
-    """Complete ``checkpoints/step-N`` directories of a run, oldest first."""
+def step_dirs(run_dir: Path, marker: str = TRAINER_STATE) -> list[Path]:
+    """``checkpoints/step-N`` directories of a run that hold ``marker`` (written last: the checkpoint is
+    complete), oldest first."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / TRAINER_STATE).is_file()]
+             if (m := _STEP_DIR.match(p.name)) and (p / marker).is_file()]
     return [p for _, p in sorted(found)]
 
 

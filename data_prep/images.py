@@ -44,7 +44,7 @@ def shorter_side_size(width: int, height: int, image_size: Optional[int]) -> Opt
 
 def encode_jpeg(image: Image.Image) -> bytes:
     out = io.BytesIO()
-    image.convert("RGB").save(out, format="JPEG", quality=JPEG_QUALITY)
+    (image if image.mode == "RGB" else image.convert("RGB")).save(out, format="JPEG", quality=JPEG_QUALITY)
     return out.getvalue()
 
 

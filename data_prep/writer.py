@@ -34,7 +34,7 @@ from data_prep.images import BadImage, EncodedImage
 SHARD_NAME = "shard-{:06d}.tar"
 KEY_DIGITS = 9
 # Fixed tar metadata so that the same input gives the same bytes.
-TAR_MTIME = 0.0
+TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
 # Candidates handed to a worker at a time, and chunks in flight per worker: enough to hide the IPC.
 CHUNK = 16
 IN_FLIGHT_PER_WORKER = 4
@@ -257,9 +257,10 @@ def write_dataset(
     """Write ``items`` as a prep output directory and return its manifest (see the module docstring).
 
     ``source`` identifies the input and every option that changes the output; it is stored in the manifest
-    (with ``rows`` added) and compared on a rerun. ``total`` is the expected number of images (progress bar). ``extra_files`` (name -> text) are written beside the
-    shards before the manifest, which is written last and marks the directory complete. ``rows_read``, when
-    the source knows it, is checked against accepted + rejected.
+    (with ``rows`` added) and compared on a rerun. ``total`` is the expected number of images (progress
+    bar). ``extra_files`` (name -> text) are written beside the shards before the manifest, which is written
+    last and marks the directory complete. ``rows_read``, when the source knows it, is checked against
+    accepted + rejected.
     """
     output = Path(output)
     previous = existing_output(output, source, kind)

@@ -174,8 +174,8 @@ def test_resolve_checkpoint(tmp_path):
         resolve_checkpoint(tmp_path / "run")
     (tmp_path / "run" / "checkpoints" / "step-9").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "step-10.tmp").mkdir()
-    with pytest.raises(CheckpointError, match="step-9 has no model.pt"):
-        resolve_checkpoint(tmp_path / "run")
+    with pytest.raises(CheckpointError, match="neither a checkpoint directory"):
+        resolve_checkpoint(tmp_path / "run")  # step-9 without model.pt is not a checkpoint
 
 
 def test_checkpoint_not_matching_model_config(tmp_path, capsys):

@@ -5,20 +5,15 @@ A run directory holds ``final/`` once training has finished and ``checkpoints/st
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from clip_dro.checkpoint import MODEL_FILE as MODEL_NAME
+from clip_dro.checkpoint import CheckpointError, step_dirs
 from clip_dro.config import Config, load_config
 from clip_dro.errors import UserError
 from clip_dro.models import ModelBundle, build_model
 
-MODEL_NAME = "model.pt"
 CONFIG_NAME = "config.yaml"
-_STEP_DIR = re.compile(r"step-(\d+)")
-
-
-class CheckpointError(UserError):
-    """A checkpoint path that cannot be evaluated; the message names the path."""
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -32,12 +27,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / "final").is_dir():
         chosen = path / "final"
     else:
-        steps = [(int(m.group(1)), p) for p in (path / "checkpoints").glob("step-*")
-                 if p.is_dir() and (m := _STEP_DIR.fullmatch(p.name))]
+        steps = step_dirs(path, marker=MODEL_NAME)
         if not steps:
             raise CheckpointError(f"checkpoint {path} is neither a checkpoint directory (no {MODEL_NAME}) nor a "
                                   "run directory (no final/ and no checkpoints/step-N/)")
-        chosen = max(steps)[1]
+        chosen = steps[-1]
     if not (chosen / MODEL_NAME).is_file():
         raise CheckpointError(f"checkpoint {chosen} has no {MODEL_NAME}")
     return chosen
