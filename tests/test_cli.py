@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +10,8 @@ COMMANDS = ["prep", "train", "eval", "quickstart", "bench"]
 
 
 def test_console_script_lists_subcommands():
-    out = subprocess.run(["clip-dro", "--help"], capture_output=True, text=True, check=True).stdout
+    script = Path(sys.executable).parent / "clip-dro"  # the console script installed beside this interpreter
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
     for command in COMMANDS:
         assert command in out
 

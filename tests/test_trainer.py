@@ -51,15 +51,15 @@ def cli(args: list[str], nproc: int = 1, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, **kw)
 
 
-def assert_same_checkpoint(a: Path, b: Path, atol: float = 0.0) -> None:
+def assert_same_checkpoint(a: Path, b: Path, weights_atol: float = 0.0, state_atol: float = 0.0) -> None:
     ma, mb = torch.load(a / "model.pt"), torch.load(b / "model.pt")
     assert ma.keys() == mb.keys()
     for k in ma:
-        torch.testing.assert_close(ma[k], mb[k], atol=atol, rtol=0 if atol == 0 else 1e-4, msg=k)
+        torch.testing.assert_close(ma[k], mb[k], atol=weights_atol, rtol=0, msg=k)
     la, lb = torch.load(a / "loss_state.pt"), torch.load(b / "loss_state.pt")
     assert la.keys() == lb.keys()
     for k in la:
-        torch.testing.assert_close(la[k], lb[k], atol=atol, rtol=0 if atol == 0 else 1e-4, msg=k)
+        torch.testing.assert_close(la[k], lb[k], atol=state_atol, rtol=0, msg=k)
 
 
 def test_resume_from_midway_checkpoint_equals_uninterrupted(data, tmp_path):
@@ -94,14 +94,16 @@ def test_run_directory_layout_and_open_clip_loads_final_model(data, tmp_path):
 
 @pytest.mark.parametrize("loss", ["isogclr", "clip"])
 def test_two_processes_equal_one_process_with_double_batch(data, tmp_path, loss):
-    common = ["--config", str(TINY)]
+    common = ["train", "--config", str(TINY)]
     one = cli(common + overrides(data, tmp_path / "one", **{"data.batch_size": 16, "train.max_steps": 4,
                                                              "loss.name": loss}))
     assert one.returncode == 0, one.stderr[-3000:]
     two = cli(common + overrides(data, tmp_path / "two", **{"data.batch_size": 8, "train.max_steps": 4,
                                                              "loss.name": loss}), nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert_same_checkpoint(tmp_path / "one/final", tmp_path / "two/final", atol=2e-5)
+    # Summation order differs (DDP's all-reduce), and AdamW turns gradients that are zero up to rounding (the
+    # attention key biases) into steps of either sign, so weights agree to ~lr/10; the state is tighter.
+    assert_same_checkpoint(tmp_path / "one/final", tmp_path / "two/final", weights_atol=1e-4, state_atol=2e-5)
 
 
 def test_interrupted_run_leaves_checkpoint_and_resumes_to_same_result(data, tmp_path):
@@ -115,17 +117,20 @@ def test_interrupted_run_leaves_checkpoint_and_resumes_to_same_result(data, tmp_
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     step_dirs = list((tmp_path / "killed/checkpoints").glob("step-*"))
-    assert len(step_dirs) == 1 and "resume with train.resume=latest" in err
+    assert len(step_dirs) == 1 and "resume with train.resume=latest" in out
     stopped_at = int(step_dirs[0].name.split("-")[1])
     assert 3 <= stopped_at < 30
     resumed = cli(args + ["train.resume=latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {step_dirs[0]} at step {stopped_at}" in resumed.stdout + resumed.stderr
-    full = run(data, tmp_path / "full", **{"train.max_steps": 30, "train.checkpoint_every": 0, "loss.name": "sogclr"})
-    assert_same_checkpoint(full, tmp_path / "killed/final")
+    # The same thread count as the killed run (OMP_NUM_THREADS=1), so that float summation order matches.
+    full = cli(["train", "--config", str(TINY)] + overrides(data, tmp_path / "full", **{
+        "train.max_steps": 30, "train.checkpoint_every": 0, "loss.name": "sogclr"}))
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert_same_checkpoint(tmp_path / "full/final", tmp_path / "killed/final")
 
 
 def test_checkpoint_from_another_dataset_is_refused(data, tmp_path):
