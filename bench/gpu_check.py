@@ -15,7 +15,7 @@ from data_prep.synthetic import prep_synthetic
 
 def trainer_throughput(data: Path, out: Path, loss: str, steps: int) -> dict:
     cfg = load_config(CONFIGS_DIR / "vit_b32_isogclr.yaml", [
-        f"data.train={data / 'train'}", "data.batch_size=512", "data.workers=12", "data.lanes=12",
+        f"data.train={data / 'train'}", "data.batch_size=512", "data.workers=8", "data.lanes=8", "loss.rho=5.5",
         f"train.max_steps={steps}", "train.checkpoint_every=0", "train.log_every=10", "train.warmup_steps=10",
         f"train.output_dir={out / loss}", "eval.retrieval=[]", "eval.zeroshot=[]", f"loss.name={loss}",
         "train.precision=bf16"])

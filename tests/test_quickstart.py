@@ -1,0 +1,30 @@
+"""The quickstart on a shrunken budget: every loss trained, evaluated and compared, files written."""
+import json
+import math
+
+import pandas as pd
+import torch
+
+from clip_dro.quickstart import LOSSES, TABLE_METRICS, run_quickstart
+
+
+def test_quickstart_writes_a_consistent_comparison(tmp_path):
+    table = run_quickstart(tmp_path, steps=2, num_train=480)
+    written = json.loads((tmp_path / "comparison.json").read_text())
+    assert written == json.loads(json.dumps(table)) and list(written) == list(LOSSES)
+    for loss, row in written.items():
+        assert set(TABLE_METRICS) <= set(row), loss
+        recalls = [row[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+        assert math.isclose(row["r_mean"], sum(recalls) / 6)
+        assert all(0 <= r <= 100 for r in recalls) and 0 <= row["acc1"] <= 100
+    runs = tmp_path / "runs"
+    taus = pd.read_csv(runs / "isogclr/final/temperatures.csv")
+    assert math.isclose(written["isogclr"]["tau_img_mean"], taus[taus.side == "image"].tau.mean(), rel_tol=1e-6)
+    assert written["isogclr"]["tau_img_freq_spearman"] is not None
+    assert written["sogclr"]["tau_img_mean"] == 0.05 and written["sogclr"]["tau_img_freq_spearman"] is None
+    logit_scale = torch.load(runs / "clip/final/model.pt")["logit_scale"]
+    assert math.isclose(written["clip"]["tau_txt_mean"], math.exp(-float(logit_scale)), rel_tol=1e-6)
+    markdown = (tmp_path / "comparison.md").read_text().splitlines()
+    assert markdown[0] == "| metric | clip | sogclr | isogclr |" and len(markdown) == 2 + len(TABLE_METRICS)
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+    assert (tmp_path / "temperatures/isogclr/tau_vs_frequency.png").is_file()
