@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
         raise UserError(f"loss.{key} = {value!r}: {why}")
 
 
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(nn.Module, ABC):
     """Base of CLIPLoss, SogCLRLoss, ISogCLRLoss and RGCLgLoss (see their docstrings).
 
     Counters ``step`` (forward calls so far: the temperature warm-up counts these) and ``epoch`` (the last
@@ -120,12 +121,14 @@ class ContrastiveLoss(nn.Module):
         return {"image": 0, "text": 0}
 
     @property
+    @abstractmethod
     def tau_img(self) -> Tensor:
-        raise NotImplementedError
+        """Temperature of every image (length num_images)."""
 
     @property
+    @abstractmethod
     def tau_txt(self) -> Tensor:
-        raise NotImplementedError
+        """Temperature of every caption (length num_texts)."""
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -149,8 +152,9 @@ class ContrastiveLoss(nn.Module):
         self._count_step()
         return loss
 
+    @abstractmethod
     def _step_loss(self, batch: GlobalBatch) -> Tensor:
-        raise NotImplementedError
+        """Update the per-sample state from ``batch`` and return the loss to backpropagate."""
 
     def _global_batch(self, image: Tensor, text: Tensor, image_index: Tensor, text_index: Tensor) -> GlobalBatch:
         if image.dim() != 2 or text.shape != image.shape:
