@@ -25,7 +25,7 @@ from clip_dro.checkpoint import (LOSS_STATE, MODEL_FILE, TEMPERATURES_FILE, Trai
 from clip_dro.config import Config, load_config, save_config
 from clip_dro.data.train_loader import TrainBatch, TrainLoader
 from clip_dro.errors import UserError
-from clip_dro.losses import build_loss, check_rho
+from clip_dro.losses import build_loss
 from clip_dro.manifest import load_manifest
 from clip_dro.models import build_model
 from clip_dro.optim import build_optimizer, warmup_cosine
@@ -116,8 +116,6 @@ class Trainer:
         loss_kwargs = {k: v for k, v in vars(cfg.loss).items() if k != "name"}
         self.loss_fn = build_loss(cfg.loss.name, self.manifest.num_images, self.manifest.num_texts,
                                   **loss_kwargs).to(acc.device)
-        if cfg.loss.name != "clip" and (warning := check_rho(cfg.loss.rho, self.global_batch)):
-            acc.print(f"warning: {warning}")
 
         self.total_steps = cfg.train.max_steps or sum(self.loader.steps_in_epoch(e) for e in range(cfg.train.epochs))
         if self.total_steps < 1:
