@@ -23,22 +23,32 @@ from clip_dro.trainer import train
 
 LOSSES = ("clip", "sogclr", "isogclr")
 TABLE_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "r_mean", "acc1",
-                 "tau_img_mean", "tau_txt_mean", "tau_img_freq_spearman", "tau_txt_freq_spearman")
+                 "tau_img_mean", "tau_txt_mean", "tau_img_freq_spearman", "tau_txt_freq_spearman",
+                 "tau_img_freq_spearman_per_concept", "tau_txt_freq_spearman_per_concept")
+SIDES = {"img": "image", "txt": "text"}
 
 
 def _temperatures(cfg: Config, final: Path, output: Path) -> dict[str, Optional[float]]:
     """Mean τ per side and, for per-sample temperatures, their rank correlation with concept frequency."""
+    row: dict[str, Optional[float]] = {}
     if (final / TEMPERATURES_FILE).is_file():
         summary = analyze_temperatures(final / TEMPERATURES_FILE, cfg.data.train, output)
-        dist, freq = summary["distribution"], summary["concept_frequency"] or {}
-        return {"tau_img_mean": dist["image"]["mean"], "tau_txt_mean": dist["text"]["mean"],
-                "tau_img_freq_spearman": (freq.get("image") or {}).get("spearman"),
-                "tau_txt_freq_spearman": (freq.get("text") or {}).get("spearman")}
+        freq = summary["concept_frequency"] or {}
+        for short, side in SIDES.items():
+            correlation = freq.get(side) or {}
+            row[f"tau_{short}_mean"] = summary["distribution"][side]["mean"]
+            row[f"tau_{short}_freq_spearman"] = correlation.get("spearman")
+            row[f"tau_{short}_freq_spearman_per_concept"] = correlation.get("spearman_per_concept")
+        return row
+    # One temperature for all: CLIP's learned one, or SogCLR's fixed one; no relation to frequency.
     if cfg.loss.name == "clip":
         tau = math.exp(-float(torch.load(final / MODEL_FILE)["logit_scale"]))
     else:
         tau = cfg.loss.tau_init
-    return {"tau_img_mean": tau, "tau_txt_mean": tau, "tau_img_freq_spearman": None, "tau_txt_freq_spearman": None}
+    for short in SIDES:
+        row.update({f"tau_{short}_mean": tau, f"tau_{short}_freq_spearman": None,
+                    f"tau_{short}_freq_spearman_per_concept": None})
+    return row
 
 
 def _markdown(table: dict[str, dict[str, Any]]) -> str:

@@ -22,9 +22,11 @@ def test_quickstart_writes_a_consistent_comparison(tmp_path):
     assert math.isclose(written["isogclr"]["tau_img_mean"], taus[taus.side == "image"].tau.mean(), rel_tol=1e-6)
     # Two steps leave τ inside its warm-up, so the correlation is undefined; it must come from the analysis.
     summary = json.loads((tmp_path / "temperatures/isogclr/summary.json").read_text())
-    for side, key in (("image", "tau_img_freq_spearman"), ("text", "tau_txt_freq_spearman")):
-        assert key in written["isogclr"]
-        assert written["isogclr"][key] == summary["concept_frequency"][side]["spearman"]
+    for side, short in (("image", "img"), ("text", "txt")):
+        for suffix, field in (("", "spearman"), ("_per_concept", "spearman_per_concept")):
+            key = f"tau_{short}_freq_spearman{suffix}"
+            assert key in written["isogclr"] and written["sogclr"][key] is None
+            assert written["isogclr"][key] == summary["concept_frequency"][side][field]
     assert written["sogclr"]["tau_img_mean"] == 0.05 and written["sogclr"]["tau_img_freq_spearman"] is None
     logit_scale = torch.load(runs / "clip/final/model.pt")["logit_scale"]
     assert math.isclose(written["clip"]["tau_txt_mean"], math.exp(-float(logit_scale)), rel_tol=1e-6)
