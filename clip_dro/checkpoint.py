@@ -79,11 +79,14 @@ def step_dirs(run_dir: Path, marker: str = TRAINER_STATE) -> list[Path]:
 
 
 def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
-    """``null`` -> None; ``latest`` -> the newest complete checkpoint of this run (None if there is none yet);
-    otherwise the named checkpoint directory, which must be complete."""
+    """``null`` -> None; ``latest`` -> the newest complete checkpoint of this run: ``final`` once the run has
+    finished, else its highest step (None if there is none yet); otherwise the named checkpoint directory,
+    which must be complete."""
     if resume is None:
         return None
     if resume == "latest":
+        if (run_dir / "final" / TRAINER_STATE).is_file():
+            return run_dir / "final"
         found = step_dirs(run_dir)
         return found[-1] if found else None
     path = Path(resume)

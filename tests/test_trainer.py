@@ -166,3 +166,20 @@ def test_nonfinite_features_stop_or_skip_without_touching_state(data, tmp_path):
                                              "train.on_nonfinite": "skip"})
     taus = pd.read_csv(final / "temperatures.csv").tau
     assert ((taus - 0.05).abs() < 1e-7).all(), "a skipped batch changed the per-sample state"
+
+
+def test_resume_latest_picks_final_then_highest_complete_step(tmp_path):
+    from clip_dro.checkpoint import TRAINER_STATE, resolve_resume
+
+    assert resolve_resume("latest", tmp_path) is None and resolve_resume(None, tmp_path) is None
+    for name in ("checkpoints/step-9", "checkpoints/step-10", "checkpoints/step-11.tmp"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "checkpoints/step-9" / TRAINER_STATE).write_text("{}")
+    assert resolve_resume("latest", tmp_path) == tmp_path / "checkpoints/step-9"  # step-10 is incomplete
+    (tmp_path / "checkpoints/step-10" / TRAINER_STATE).write_text("{}")
+    assert resolve_resume("latest", tmp_path) == tmp_path / "checkpoints/step-10"
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / TRAINER_STATE).write_text("{}")
+    assert resolve_resume("latest", tmp_path) == tmp_path / "final"
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        resolve_resume(str(tmp_path / "checkpoints/step-11.tmp"), tmp_path)
