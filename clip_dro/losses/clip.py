@@ -64,8 +64,7 @@ class CLIPLoss(ContrastiveLoss):
             self.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
 
     def _step_loss(self, batch: GlobalBatch) -> Tensor:
-        dtype, size, offset, world = batch.image.dtype, batch.size, batch.offset, batch.world_size
-        local = slice(offset, offset + batch.local_size)
+        dtype, world = batch.image.dtype, batch.world_size
         with torch.no_grad():
             scale = self.logit_scale.detach().to(dtype).exp()
             sim_rows = batch.image.detach() @ batch.text_all.T
