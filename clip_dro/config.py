@@ -234,9 +234,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return validate(_build(Config, data, ""))
 
 
-def config_from_dict(data: dict) -> Config:
-    return validate(_build(Config, data, ""))
-
-
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -16,6 +16,8 @@ from typing import Any, Optional
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.jsonl"
+# The image members a sample may carry (SPEC 3.1), in the order readers look for them.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 class ManifestError(UserError):
@@ -57,14 +59,17 @@ class Manifest:
         return data
 
     def write(self, directory: str | Path) -> None:
-        """Write atomically: a reader sees the old manifest or the new one, never half of one."""
-        path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(Path(directory) / MANIFEST_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def shard_paths(self, directory: str | Path) -> list[Path]:
         return [Path(directory) / s.name for s in self.shards]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """A reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _require(data: dict, key: str, kind: type, path: Path) -> Any:

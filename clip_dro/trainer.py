@@ -25,6 +25,7 @@ from clip_dro.checkpoint import (LOSS_STATE, MODEL_FILE, TEMPERATURES_FILE, Trai
 from clip_dro.config import Config, load_config, save_config
 from clip_dro.data.train_loader import TrainBatch, TrainLoader
 from clip_dro.errors import UserError
+from clip_dro.evaluation.run import evaluate_sets, prepare_eval_sets
 from clip_dro.losses import build_loss
 from clip_dro.manifest import load_manifest
 from clip_dro.models import build_model
@@ -89,10 +90,8 @@ class Trainer:
         if cfg.data.train is None:
             raise UserError("data.train: not set; point it at a prep output directory")
         self.manifest = load_manifest(cfg.data.train)
-        for key, dirs in (("eval.retrieval", cfg.eval.retrieval), ("eval.zeroshot", cfg.eval.zeroshot)):
-            for d in dirs:
-                if not Path(d).is_dir():
-                    raise UserError(f"{key}: {d} is not a directory")
+        # Checked now (no image is decoded) so that a bad eval set fails before training, not after it.
+        self.eval_sets = prepare_eval_sets(cfg.eval.retrieval, cfg.eval.zeroshot)
         self.resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         if self.resume_from is not None:
             TrainerState.read(self.resume_from).check_compatible(
@@ -111,7 +110,6 @@ class Trainer:
         self.loader = TrainLoader(cfg.data.train, self.bundle.preprocess_train, self.bundle.tokenizer,
                                   cfg.data.batch_size, seed=cfg.train.seed, rank=acc.process_index,
                                   world_size=acc.num_processes, workers=cfg.data.workers, lanes=cfg.data.lanes)
-        self.loader.check_indices_fit(self.manifest.num_images, self.manifest.num_texts)
         self.global_batch = cfg.data.batch_size * acc.num_processes
         loss_kwargs = {k: v for k, v in vars(cfg.loss).items() if k != "name"}
         self.loss_fn = build_loss(cfg.loss.name, self.manifest.num_images, self.manifest.num_texts,
@@ -235,15 +233,13 @@ class Trainer:
                                  step=self.global_step)
 
     def evaluate(self) -> None:
-        cfg = self.cfg
-        if not (cfg.eval.retrieval or cfg.eval.zeroshot):
+        retrieval_sets, zeroshot_sets = self.eval_sets
+        if not (retrieval_sets or zeroshot_sets):
             return
         acc = self.accelerator
         if acc.is_main_process:
-            from clip_dro.evaluation.run import evaluate
-
-            results = evaluate(acc.unwrap_model(self.model), self.bundle.tokenizer, self.bundle.preprocess_eval,
-                               cfg.eval.retrieval, cfg.eval.zeroshot, cfg.eval.batch_size, acc.device)
+            results = evaluate_sets(acc.unwrap_model(self.model), self.bundle.tokenizer, self.bundle.preprocess_eval,
+                                    retrieval_sets, zeroshot_sets, self.cfg.eval.batch_size, acc.device)
             for result in results:
                 self._log({"step": self.global_step, "eval": result["task"], "dataset": result["dataset"],
                            **result["metrics"]})

@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from clip_dro.manifest import Manifest
-from data_prep.images import load_file
-from data_prep.writer import (Candidate, Item, PrepError, Rejection, check_options, clean_caption,
-                              file_sha256, write_dataset)
+from data_prep.writer import Item, PrepError, check_options, file_sha256, image_items, write_dataset
 
 
 def read_annotations(path: Path) -> list[dict[str, Any]]:
@@ -55,21 +53,11 @@ def group_records(records: list[dict[str, Any]], image_root: Path) -> Iterator[I
                                                  "image_id": record.get("image_id")})
             row += 1
     for image, rows in groups.items():
-        good = []
-        for r in rows:
-            logged = {k: v for k, v in r.items() if k != "image_id"}
-            if not image:
-                yield Rejection(logged, "missing image path")
-            elif not clean_caption(r["caption"]):
-                yield Rejection(logged, "empty caption")
-            else:
-                good.append(logged)
-        if good:
-            fields: dict[str, Any] = {"image": image}
-            if rows[0]["image_id"] is not None:
-                fields["image_id"] = rows[0]["image_id"]
-            yield Candidate(rows=good, captions=[clean_caption(r["caption"]) for r in good], load=load_file,
-                            arg=str(image_root / image), fields=fields)
+        fields: dict[str, Any] = {"image": image}
+        if rows[0]["image_id"] is not None:
+            fields["image_id"] = rows[0]["image_id"]
+        logged = [{k: v for k, v in r.items() if k != "image_id"} for r in rows]
+        yield from image_items(image, logged, str(image_root / image), fields)
 
 
 def prep_coco(annotations: Path, image_root: Path, output: Path, shard_size: int = 1000,

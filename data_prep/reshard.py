@@ -16,12 +16,11 @@ from typing import Any, Iterator, Optional, Union
 import braceexpand
 import webdataset as wds
 
-from clip_dro.manifest import Manifest
+from clip_dro.manifest import IMAGE_EXTENSIONS, Manifest
 from data_prep.images import load_bytes
 from data_prep.writer import (RESERVED_FIELDS, Candidate, Item, PrepError, Rejection, check_options,
                               clean_caption, write_dataset)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def expand_shards(spec: Union[str, Path, list[str]]) -> list[Path]:
@@ -53,7 +52,7 @@ def shard_items(paths: list[Path]) -> Iterator[Item]:
                 key = sample["__key__"]
                 record = {"row": row, "shard": str(path), "key": key}
                 row += 1
-                ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
                 text = sample.get("txt", b"").decode("utf-8", errors="replace")
                 captions = [c for c in map(clean_caption, text.splitlines()) if c]
                 if ext is None:

@@ -13,9 +13,7 @@ from typing import Any, Callable, Iterator, Optional
 import pandas as pd
 
 from clip_dro.manifest import Manifest
-from data_prep.images import load_file
-from data_prep.writer import (Candidate, Item, PrepError, Rejection, check_options, clean_caption,
-                              file_sha256, write_dataset)
+from data_prep.writer import Item, PrepError, check_options, file_sha256, image_items, write_dataset
 
 
 def _read_csv(sep: str) -> Callable[[Path], pd.DataFrame]:
@@ -55,18 +53,8 @@ def group_rows(paths: list[Any], captions: list[Any], image_root: Optional[Path]
         groups.setdefault(_image_path(value), []).append(row)
     for image, rows in groups.items():
         records = [{"row": r, "image": image, "caption": captions[r]} for r in rows]
-        good = []
-        for record in records:
-            if not image:
-                yield Rejection(record, "missing image path")
-            elif not clean_caption(record["caption"]):
-                yield Rejection(record, "empty caption")
-            else:
-                good.append(record)
-        if good:
-            full_path = Path(image) if image_root is None else image_root / image
-            yield Candidate(rows=good, captions=[clean_caption(r["caption"]) for r in good], load=load_file,
-                            arg=str(full_path), fields={"image": image})
+        full_path = Path(image) if image_root is None else image_root / image
+        yield from image_items(image, records, str(full_path), {"image": image})
 
 
 def _json_safe(value: Any) -> Any:

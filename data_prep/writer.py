@@ -28,8 +28,8 @@ import webdataset as wds
 from tqdm import tqdm
 
 from clip_dro.errors import UserError
-from clip_dro.manifest import MANIFEST_NAME, REJECTED_NAME, Manifest, ShardInfo, load_manifest
-from data_prep.images import BadImage, EncodedImage
+from clip_dro.manifest import MANIFEST_NAME, REJECTED_NAME, Manifest, ShardInfo, load_manifest, write_text_atomic
+from data_prep.images import BadImage, EncodedImage, load_file
 
 SHARD_NAME = "shard-{:06d}.tar"
 KEY_DIGITS = 9
@@ -81,6 +81,22 @@ def clean_caption(value: Any) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return ""
     return " ".join(str(value).split())
+
+
+def image_items(image: str, records: list[dict[str, Any]], path: str, fields: dict[str, Any]) -> Iterator[Item]:
+    """The input rows of one image (dicts with at least "row" and "caption"): a Rejection for each row with no
+    image path or an empty caption, then one Candidate for the file at ``path`` with the usable rows."""
+    good = []
+    for record in records:
+        if not image:
+            yield Rejection(record, "missing image path")
+        elif not clean_caption(record["caption"]):
+            yield Rejection(record, "empty caption")
+        else:
+            good.append(record)
+    if good:
+        yield Candidate(rows=good, captions=[clean_caption(r["caption"]) for r in good], load=load_file, arg=path,
+                        fields=fields)
 
 
 def file_sha256(path: Path) -> str:
@@ -295,9 +311,9 @@ def write_dataset(
         if rows_read is not None and rows != rows_read:
             raise RuntimeError(f"prep accounted for {rows} rows of {rows_read}")
         rejected.sort(key=lambda r: r["row"])
-        _write_text(output / REJECTED_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
+        write_text_atomic(output / REJECTED_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected))
         for name, text in (extra_files or {}).items():
-            _write_text(output / name, text)
+            write_text_atomic(output / name, text)
         manifest = Manifest(num_samples=index, num_images=index, num_texts=num_texts, shards=shards,
                             source={**source, "rows": rows}, accepted=accepted, rejected=len(rejected),
                             kind=kind, extra=dict(extra or {}))
@@ -313,8 +329,3 @@ def write_dataset(
           f"{manifest.accepted} rows accepted, {manifest.rejected} rejected")
     return manifest
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

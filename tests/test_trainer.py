@@ -152,6 +152,10 @@ def test_bad_config_fails_before_work_with_one_line(data, tmp_path):
     assert not (tmp_path / "x/metrics.jsonl").exists()
     proc = cli(["train", "--config", str(TINY)] + overrides(tmp_path / "nowhere", tmp_path / "y"))
     assert proc.returncode == 2 and "is not a prep output directory" in proc.stderr
+    proc = cli(["train", "--config", str(TINY)] + overrides(data, tmp_path / "z", **{
+        "eval.retrieval": f"[{data / 'zeroshot'}, {tmp_path / 'missing'}]"}))
+    assert proc.returncode == 2 and "missing" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "z/metrics.jsonl").exists(), "a bad eval set must fail before training"
 
 
 def test_nonfinite_features_stop_or_skip_without_touching_state(data, tmp_path):

@@ -27,9 +27,8 @@ import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
 from clip_dro.errors import UserError
-from clip_dro.manifest import MANIFEST_NAME, Manifest, load_manifest
+from clip_dro.manifest import IMAGE_EXTENSIONS, MANIFEST_NAME, Manifest, load_manifest
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CLASSNAMES_NAME = "classnames.txt"
 TEMPLATES_NAME = "templates.txt"
 _WORDNET_ID = re.compile(r"n\d{8}")

@@ -9,9 +9,7 @@ from typing import Iterable
 import webdataset as wds
 
 from clip_dro.errors import UserError
-from clip_dro.manifest import ShardInfo
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+from clip_dro.manifest import IMAGE_EXTENSIONS, ShardInfo
 
 
 class ShardDataError(UserError):
@@ -33,9 +31,9 @@ class RawSample:
 
 def _parse(path: Path, key: str, sample: dict, num_images: int, num_texts: int) -> RawSample:
     where = f"shard {path}, sample key {key}"
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None or "json" not in sample or "txt" not in sample:
-        raise ShardDataError(f"{where}: needs an image ({'/'.join(IMAGE_EXTS)}), .txt and .json")
+        raise ShardDataError(f"{where}: needs an image ({'/'.join(IMAGE_EXTENSIONS)}), .txt and .json")
     try:
         meta = json.loads(sample["json"])
         index, image_index = int(meta["index"]), int(meta["image_index"])

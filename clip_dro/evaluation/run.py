@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from clip_dro.checkpoint import TEMPERATURES_FILE
 from clip_dro.data.eval_sets import (RetrievalSetInfo, ZeroShotSet, check_retrieval_set, iter_retrieval_batches,
                                      load_zeroshot_set)
 from clip_dro.errors import UserError
@@ -25,7 +26,6 @@ from clip_dro.evaluation.retrieval import retrieval_metrics
 from clip_dro.evaluation.temperatures import analyze_temperatures
 from clip_dro.evaluation.zeroshot import classification_metrics, zero_shot_classifier
 
-TEMPERATURES_NAME = "temperatures.csv"
 RESULTS_NAME = "eval.json"
 ANALYSIS_DIR = "temperature_analysis"
 
@@ -118,7 +118,7 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
 def _run_temperature_analysis(ckpt_dir: Path, train_dir: Optional[str]) -> None:
     """The temperature analysis of a run with per-sample temperatures, with concepts when the training set
     is at hand and records them."""
-    csv = ckpt_dir / TEMPERATURES_NAME
+    csv = ckpt_dir / TEMPERATURES_FILE
     if not csv.is_file():
         return
     if train_dir is not None and not Path(train_dir).is_dir():
