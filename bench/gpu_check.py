@@ -13,7 +13,7 @@ import torch
 
 from clip_dro.bench.train_step import bench_train_step
 from clip_dro.config import load_config
-from clip_dro.models import CONFIGS_DIR
+from clip_dro.resources import CONFIGS_DIR
 from clip_dro.trainer import train
 from data_prep.synthetic import prep_synthetic
 

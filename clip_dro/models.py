@@ -15,8 +15,7 @@ from typing import Any, Callable, Optional
 import open_clip
 import torch
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-MODEL_CONFIGS_DIR = CONFIGS_DIR / "models"
+from clip_dro.resources import MODEL_CONFIGS_DIR
 
 _registered = False
 

@@ -18,7 +18,7 @@ from clip_dro.config import Config, load_config
 from clip_dro.evaluation.checkpoint import load_checkpoint_model
 from clip_dro.evaluation.run import evaluate
 from clip_dro.evaluation.temperatures import analyze_temperatures
-from clip_dro.models import CONFIGS_DIR
+from clip_dro.resources import CONFIGS_DIR
 from clip_dro.trainer import train
 
 LOSSES = ("clip", "sogclr", "isogclr")

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from clip_dro.config import Config, ConfigError, load_config, save_config
-from clip_dro.models import CONFIGS_DIR
+from clip_dro.resources import CONFIGS_DIR
 
 
 def test_tiny_cpu_config_loads_and_overrides_apply():

@@ -13,7 +13,8 @@ import torch
 
 from clip_dro.checkpoint import CheckpointError
 from clip_dro.config import load_config
-from clip_dro.models import CONFIGS_DIR, build_model
+from clip_dro.models import build_model
+from clip_dro.resources import CONFIGS_DIR
 from clip_dro.trainer import NonFiniteLoss, train
 
 TINY = CONFIGS_DIR / "tiny_cpu.yaml"

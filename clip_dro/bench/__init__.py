@@ -17,7 +17,8 @@ def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096
     from clip_dro.bench.prep import bench_prep
     from clip_dro.bench.train_step import bench_train_step
     from clip_dro.config import load_config
-    from clip_dro.models import CONFIGS_DIR, build_model
+    from clip_dro.models import build_model
+    from clip_dro.resources import CONFIGS_DIR
     from data_prep.synthetic import prep_synthetic
 
     results: list[dict[str, Any]] = list(bench_loss_step(batch_sizes=loss_batch_sizes, dim=512))
