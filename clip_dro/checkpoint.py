@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -41,6 +41,9 @@ class TrainerState:
     model_name: str
     loss_name: str
     scheduler: dict
+    # With the seed, these two fix the sample sequence (the data.batch_size of one process does not).
+    global_batch: int
+    lanes: int
 
     def write(self, directory: Path) -> None:
         (directory / TRAINER_STATE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -50,7 +53,17 @@ class TrainerState:
         path = directory / TRAINER_STATE
         if not path.is_file():
             raise CheckpointError(f"{directory} is not a complete checkpoint: {TRAINER_STATE} is missing")
-        return cls(**json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path} is damaged: {exc}") from None
+        expected = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) != expected:
+            found = set(data) if isinstance(data, dict) else set()
+            problem = (f"lacks {', '.join(sorted(expected - found))}" if expected - found
+                       else f"has unknown {', '.join(sorted(found - expected))}")
+            raise CheckpointError(f"{path} is damaged or from another version: it {problem}")
+        return cls(**data)
 
     def check_compatible(self, directory: Path, dataset_id: str, num_images: int, num_texts: int,
                          model_name: str, loss_name: str) -> None:
@@ -65,6 +78,47 @@ class TrainerState:
         if self.loss_name != loss_name:
             raise CheckpointError(f"checkpoint {directory} was trained with loss {self.loss_name!r}, config asks "
                                   f"for loss.name {loss_name!r}")
+
+    def check_same_sequence(self, directory: Path, global_batch: int, lanes: int) -> None:
+        """Refuse to resume where the remaining batches would not be those the checkpointed run would see."""
+        if self.global_batch != global_batch:
+            raise CheckpointError(
+                f"checkpoint {directory} was trained with a global batch of {self.global_batch}, this run has "
+                f"data.batch_size x processes = {global_batch}: the sample sequence would change")
+        if self.lanes != lanes:
+            raise CheckpointError(f"checkpoint {directory} was trained with data.lanes = {self.lanes}, this run "
+                                  f"has {lanes}: the sample sequence would change")
+
+
+# Settings a resumed run may change: they do not alter what it computes (where files are, how often to log,
+# save and evaluate, what to evaluate, how many workers decode). data.batch_size and data.lanes are compared
+# as the global batch and the resolved number of lanes (TrainerState.check_same_sequence); the weights a
+# run started from are in the checkpoint.
+RESUMABLE_CHANGES = ("data.train", "data.batch_size", "data.lanes", "data.workers", "train.output_dir",
+                     "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                     "train.eval_every", "eval.", "model.pretrained", "model.text_tower")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_same_settings(directory: Path, saved: dict, current: dict) -> None:
+    """Refuse to resume a checkpoint (whose resolved config is ``saved``) under settings that would change the
+    computation; the message names the first such key."""
+    old, new = _flatten(saved), _flatten(current)
+    for key in sorted(old.keys() | new.keys()):
+        if key.startswith(RESUMABLE_CHANGES) or old.get(key) == new.get(key):
+            continue
+        raise CheckpointError(f"checkpoint {directory} was written with {key} = {old.get(key)!r}, this run has "
+                              f"{new.get(key)!r}: resuming would not continue the same run; use the same value "
+                              "or another train.output_dir")
 
 
 def step_dirs(run_dir: Path, marker: str = TRAINER_STATE) -> list[Path]:

@@ -98,7 +98,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         run(args)
     except UserError as exc:
-        print(f"clip-dro {args.command}: error: {exc}", file=sys.stderr)
+        # One line, whatever raised it: a message that quotes a multi-line cause is folded.
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"clip-dro {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"clip-dro {args.command}: interrupted", file=sys.stderr)

@@ -20,10 +20,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from clip_dro.checkpoint import (LOSS_STATE, MODEL_FILE, TEMPERATURES_FILE, TrainerState, prune,
-                                 publish, resolve_resume, write_temperatures)
+from clip_dro.checkpoint import (LOSS_STATE, MODEL_FILE, TEMPERATURES_FILE, CheckpointError, TrainerState,
+                                 check_same_settings, prune, publish, resolve_resume, write_temperatures)
 from clip_dro.config import Config, load_config, save_config
-from clip_dro.data.train_loader import TrainBatch, TrainLoader
+from clip_dro.data.train_loader import TrainBatch, TrainLoader, check_layout
 from clip_dro.errors import UserError
 from clip_dro.evaluation.run import evaluate_sets, prepare_eval_sets
 from clip_dro.losses import build_loss
@@ -36,7 +36,7 @@ log = logging.getLogger("clip_dro.train")
 PER_SAMPLE_TEMPERATURE_LOSSES = {"isogclr"}
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError):
     """Training produced NaN or inf; the message names the step and the batch's sample indices."""
 
 
@@ -90,13 +90,14 @@ class Trainer:
         if cfg.data.train is None:
             raise UserError("data.train: not set; point it at a prep output directory")
         self.manifest = load_manifest(cfg.data.train)
+        self.lanes = check_layout(cfg.data.train, len(self.manifest.shards), cfg.data.batch_size,
+                                  acc.num_processes, cfg.data.workers, cfg.data.lanes)
+        self.global_batch = cfg.data.batch_size * acc.num_processes
         # Checked now (no image is decoded) so that a bad eval set fails before training, not after it.
         self.eval_sets = prepare_eval_sets(cfg.eval.retrieval, cfg.eval.zeroshot)
         self.resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         if self.resume_from is not None:
-            TrainerState.read(self.resume_from).check_compatible(
-                self.resume_from, self.manifest.dataset_id, self.manifest.num_images, self.manifest.num_texts,
-                cfg.model.name, cfg.loss.name)
+            self._check_resumable(self.resume_from)
 
         set_seed(cfg.train.seed)
         self.bundle = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.text_tower,
@@ -109,8 +110,7 @@ class Trainer:
 
         self.loader = TrainLoader(cfg.data.train, self.bundle.preprocess_train, self.bundle.tokenizer,
                                   cfg.data.batch_size, seed=cfg.train.seed, rank=acc.process_index,
-                                  world_size=acc.num_processes, workers=cfg.data.workers, lanes=cfg.data.lanes)
-        self.global_batch = cfg.data.batch_size * acc.num_processes
+                                  world_size=acc.num_processes, workers=cfg.data.workers, lanes=self.lanes)
         loss_kwargs = {k: v for k, v in vars(cfg.loss).items() if k != "name"}
         self.loss_fn = build_loss(cfg.loss.name, self.manifest.num_images, self.manifest.num_texts,
                                   **loss_kwargs).to(acc.device)
@@ -135,7 +135,19 @@ class Trainer:
     def _state(self) -> TrainerState:
         return TrainerState(self.global_step, self.epoch, self.step_in_epoch, self.manifest.dataset_id,
                             self.manifest.num_images, self.manifest.num_texts, self.cfg.model.name,
-                            self.cfg.loss.name, self.scheduler.state_dict())
+                            self.cfg.loss.name, self.scheduler.state_dict(), self.global_batch, self.lanes)
+
+    def _check_resumable(self, directory: Path) -> None:
+        """Refuse, before anything is built, a checkpoint that would not continue this very run."""
+        state = TrainerState.read(directory)
+        state.check_compatible(directory, self.manifest.dataset_id, self.manifest.num_images,
+                               self.manifest.num_texts, self.cfg.model.name, self.cfg.loss.name)
+        state.check_same_sequence(directory, self.global_batch, self.lanes)
+        try:
+            saved = load_config(directory / "config.yaml")
+        except UserError as exc:
+            raise CheckpointError(f"checkpoint {directory}: its config.yaml cannot be used ({exc})") from None
+        check_same_settings(directory, saved.to_dict(), self.cfg.to_dict())
 
     def _open_clip_state_dict(self) -> dict:
         state = self.accelerator.unwrap_model(self.model).state_dict()
@@ -168,8 +180,15 @@ class Trainer:
 
     def _load(self, directory: Path) -> None:
         state = TrainerState.read(directory)
-        self.accelerator.load_state(str(directory))
-        self.loss_fn.load_state_dict(torch.load(directory / LOSS_STATE, map_location=self.accelerator.device))
+        try:
+            self.accelerator.load_state(str(directory))
+            self.loss_fn.load_state_dict(torch.load(directory / LOSS_STATE, map_location=self.accelerator.device))
+        except UserError:
+            raise
+        except Exception as exc:  # truncated or damaged files: torch, safetensors and pickle raise many kinds
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise CheckpointError(f"checkpoint {directory} cannot be loaded ({type(exc).__name__}: "
+                                  f"{first_line}); resume from another checkpoint (train.resume=PATH)") from None
         self.scheduler.load_state_dict(state.scheduler)
         self.global_step, self.epoch, self.step_in_epoch = state.global_step, state.epoch, state.step_in_epoch
         self.accelerator.print(f"resumed from {directory} at step {self.global_step}")

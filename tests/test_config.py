@@ -52,3 +52,36 @@ def test_saved_config_round_trips(tmp_path):
     cfg = load_config(CONFIGS_DIR / "tiny_cpu.yaml", ["loss.name=clip", "train.grad_clip_norm=1.5"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("5e-5", 5e-5), ("3E-4", 3e-4), ("-2e+1", -20.0),
+                                         ("2.0e-4", 2e-4), (".5", 0.5), ("7", 7.0)])
+def test_floats_as_people_write_them_in_overrides_and_files(tmp_path, text, value):
+    cfg = load_config(None, [f"train.lr={abs(value) if value < 0 else text}", f"loss.rho={text}"])
+    assert cfg.loss.rho == value and isinstance(cfg.loss.rho, float)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  lr: 1e-4\nloss:\n  rho: {text}\n  tau_lr: 3E-2\n")
+    cfg = load_config(path)
+    assert (cfg.train.lr, cfg.loss.rho, cfg.loss.tau_lr) == (1e-4, value, 3e-2)
+
+
+@pytest.mark.parametrize("text", ["1e-4x", "e-4", "one", "1e", "--1"])
+def test_strings_that_are_not_numbers_are_still_refused(text):
+    with pytest.raises(ConfigError, match=f"loss.rho: expected a finite number, got '{text}'"):
+        load_config(None, [f"loss.rho={text}"])
+
+
+def test_loss_hyperparameters_are_checked_in_one_place():
+    """The config and a loss built in someone else's loop accept and refuse the same values."""
+    from clip_dro.errors import UserError
+    from clip_dro.losses import ISogCLRLoss
+
+    for key, value in [("tau_momentum", 1.0), ("tau_momentum", 0.0), ("gamma_decay_epochs", 0.5)]:
+        load_config(None, [f"loss.{key}={value}"])
+        ISogCLRLoss(4, 4, **{key: value})
+    for key, value in [("tau_momentum", 1.5), ("gamma_decay_epochs", 0), ("tau_grad_clip", 0), ("gamma", 1.2)]:
+        with pytest.raises(ConfigError) as from_config:
+            load_config(None, [f"loss.{key}={value}"])
+        with pytest.raises(UserError) as from_loss:
+            ISogCLRLoss(4, 4, **{key: float(value)})
+        assert str(from_config.value) == str(from_loss.value) and f"loss.{key}" in str(from_loss.value)

@@ -9,21 +9,25 @@
   except for exactly 1000 WordNet-id folders (``n01440764`` ...), which get open_clip's ImageNet class names.
 
 The ``check_*`` / ``load_*`` functions read only the small members of the shards (``.json``, ``.txt``,
-``.cls``): tarfile seeks over the images, so validating a set costs little next to encoding it.
+``.cls``): tarfile seeks over the images, so validating a set costs little next to encoding it. They note
+where each image is (:class:`ImageRef`); :func:`iter_image_batches` then decodes the images in order, in
+DataLoader workers if asked, and hands back an image that cannot be decoded as a :class:`BadImage` instead of
+failing, so that the caller decides whether one bad file ends an evaluation.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import open_clip
 import torch
 import torchvision
-import webdataset as wds
+from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import base_plus_ext
 
 from clip_dro.errors import UserError
@@ -32,6 +36,7 @@ from clip_dro.manifest import IMAGE_EXTENSIONS, MANIFEST_NAME, Manifest, load_ma
 CLASSNAMES_NAME = "classnames.txt"
 TEMPLATES_NAME = "templates.txt"
 _WORDNET_ID = re.compile(r"n\d{8}")
+_TAR_BLOCK = 512
 
 Template = Callable[[str], str]
 

@@ -49,6 +49,51 @@ class TrainBatch:
     text_index: torch.Tensor  # int64 [b]
 
 
+def _nearest_lanes(global_batch: int, world_size: int, num_shards: int, wanted: int) -> Optional[int]:
+    """The value of data.lanes closest to ``wanted`` that fits (a multiple of the processes that divides the
+    global batch, at most the number of shards), or None when none does."""
+    fits = [lanes for lanes in range(world_size, min(global_batch, num_shards) + 1, world_size)
+            if global_batch % lanes == 0]
+    return min(fits, key=lambda lanes: (abs(lanes - wanted), lanes)) if fits else None
+
+
+def check_layout(data_dir: str | Path, num_shards: int, batch_size: int, world_size: int, workers: int,
+                 lanes: Optional[int]) -> int:
+    """Every rule that ties data.batch_size, data.lanes, data.workers and the number of processes together,
+    checked before anything is built; returns the number of lanes (``lanes``, or its default processes x
+    max(workers, 1)). Each message names the keys and a value that would work.
+
+    The rules: the lanes split evenly over the processes and the global batch evenly over the lanes, and
+    every lane has a shard. Workers take any share of their process's lanes (see ``worker_lanes``), so their
+    number constrains nothing.
+    """
+    if batch_size < 1:
+        raise LoaderError(f"data.batch_size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise LoaderError(f"data.workers must be >= 0, got {workers}")
+    chosen = "data.lanes" if lanes is not None else "data.lanes (default: processes x max(data.workers, 1))"
+    lanes = world_size * max(workers, 1) if lanes is None else lanes
+    global_batch = batch_size * world_size
+    if num_shards < world_size:
+        raise LoaderError(f"{data_dir} has {num_shards} shards, fewer than the {world_size} processes: every "
+                          f"process needs a shard; prep with a smaller --shard-size")
+    ok = lanes >= 1 and lanes % world_size == 0 and global_batch % lanes == 0 and lanes <= num_shards
+    if ok:
+        return lanes
+    if lanes < 1 or lanes % world_size:
+        why = f"must be a multiple of the number of processes ({world_size})"
+    elif global_batch % lanes:
+        why = (f"must divide the global batch, data.batch_size x processes = {batch_size} x {world_size} "
+               f"= {global_batch}")
+    else:
+        why = f"exceeds the {num_shards} shards of {data_dir} (every lane needs a shard)"
+    fix = _nearest_lanes(global_batch, world_size, num_shards, lanes)
+    hint = (f"; data.lanes={fix} would work" if fix is not None else
+            f"; no lane count fits, change data.batch_size (a multiple of {lanes // world_size or 1}) "
+            f"or prep with a smaller --shard-size")
+    raise LoaderError(f"{chosen} = {lanes} {why}{hint}")
+
+
 class TrainLoader:
     """Per-process training batches of ``data_dir`` (see the module docstring for the schedule)."""
 
@@ -63,10 +108,13 @@ class TrainLoader:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.workers = workers
-        self.streams = world_size * max(workers, 1)
-        self.lanes = self.streams if lanes is None else lanes
-        self._check()
+        if seed < 0:
+            raise LoaderError(f"train.seed must be >= 0, got {seed}")
+        if not 0 <= rank < world_size:
+            raise LoaderError(f"rank {rank} is outside world size {world_size}")
+        self.lanes = check_layout(self.data_dir, len(self.manifest.shards), batch_size, world_size, workers, lanes)
+        # More workers than lanes would leave some idle: each worker reads whole lanes.
+        self.workers = min(workers, self.lanes // world_size)
         self.per_lane = self.global_batch_size // self.lanes
         self.shard_sizes = [s.num_samples for s in self.manifest.shards]
         if self.steps_in_epoch(0) == 0:
@@ -77,26 +125,6 @@ class TrainLoader:
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
-
-    def _check(self) -> None:
-        if self.seed < 0:
-            raise LoaderError(f"train.seed must be >= 0, got {self.seed}")
-        if self.batch_size < 1:
-            raise LoaderError(f"data.batch_size must be >= 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise LoaderError(f"data.workers must be >= 0, got {self.workers}")
-        if not 0 <= self.rank < self.world_size:
-            raise LoaderError(f"rank {self.rank} is outside world size {self.world_size}")
-        if self.lanes < 1 or self.lanes % self.streams:
-            raise LoaderError(f"data.lanes = {self.lanes} must be a multiple of processes x max(data.workers, 1) "
-                              f"= {self.world_size} x {max(self.workers, 1)}")
-        if self.global_batch_size % self.lanes:
-            raise LoaderError(f"the global batch, data.batch_size x processes = {self.batch_size} x "
-                              f"{self.world_size}, must be divisible by data.lanes = {self.lanes}")
-        if len(self.manifest.shards) < self.lanes:
-            raise LoaderError(f"{self.data_dir} has {len(self.manifest.shards)} shards, fewer than data.lanes = "
-                              f"{self.lanes}: lower data.lanes (or processes x workers) or prep with a smaller "
-                              "--shard-size")
 
     def check_indices_fit(self, num_images: int, num_texts: int) -> None:
         """Refuse loss state too small for the manifest's indices (a larger state is allowed)."""
@@ -113,11 +141,12 @@ class TrainLoader:
         return plan.steps_in_epoch(self.shard_sizes, self.lane_assignment(epoch), self.per_lane)
 
     def worker_lanes(self, worker: int) -> range:
-        """The lanes that worker ``worker`` of this rank reads (a contiguous block of the rank's lanes)."""
+        """The lanes that worker ``worker`` of this rank reads: a contiguous block of the rank's lanes, the
+        blocks differing in size by at most one, in worker order (so their pieces concatenate in lane order)."""
         per_rank = self.lanes // self.world_size
-        per_worker = per_rank // max(self.workers, 1)
-        first = self.rank * per_rank + worker * per_worker
-        return range(first, first + per_worker)
+        workers = max(self.workers, 1)
+        start = self.rank * per_rank
+        return range(start + worker * per_rank // workers, start + (worker + 1) * per_rank // workers)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[TrainBatch]:
         """The rank's batches of ``epoch`` from step ``start_step`` on (earlier samples are not decoded)."""
@@ -180,12 +209,20 @@ class _Pieces(IterableDataset):
         worker = 0 if info is None else info.id
         streams = [self.loader.lane_chunks(lane, self.epoch, self.start_step, self.steps)
                    for lane in self.loader.worker_lanes(worker)]
-        for _ in range(self.start_step, self.steps):
-            samples = [s for stream in streams for s in next(stream)]
-            yield self.loader.decode(samples, self.epoch)
+        try:
+            for _ in range(self.start_step, self.steps):
+                samples = [s for stream in streams for s in next(stream)]
+                yield self.loader.decode(samples, self.epoch)
+        except UserError as exc:
+            # Handed over as a value: raised inside a DataLoader worker it would reach the user wrapped in
+            # the worker's traceback instead of as its one-line message.
+            yield exc
 
 
-def _batch(pieces: list[dict[str, torch.Tensor]]) -> TrainBatch:
+def _batch(pieces: list) -> TrainBatch:
+    failed = next((p for p in pieces if isinstance(p, UserError)), None)
+    if failed is not None:
+        raise failed
     if len(pieces) == 1:
         return TrainBatch(**pieces[0])
     return TrainBatch(**{k: torch.cat([p[k] for p in pieces]) for k in pieces[0]})

@@ -1,6 +1,7 @@
 """What every loss shares: hyperparameters, step/epoch counters, input checks and the global batch."""
 from __future__ import annotations
 
+import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -39,7 +40,30 @@ class GlobalBatch:
 
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
-        raise UserError(f"loss.{key} = {value!r}: {why}")
+        raise UserError(f"loss.{key}: {value!r} {why}")
+
+
+def check_hyperparameters(*, gamma: float, rho: float, tau_init: float, tau_min: float, tau_max: float,
+                          tau_lr: float, tau_momentum: float, tau_grad_clip: float, gamma_schedule: str,
+                          gamma_decay_epochs: float, tau_warmup_steps: int) -> None:
+    """The one place where the ``loss.*`` values are checked: the config calls it at start-up, the losses
+    when they are built from a training loop of someone else's."""
+    for key, value in (("gamma", gamma), ("rho", rho), ("tau_init", tau_init), ("tau_min", tau_min),
+                       ("tau_max", tau_max), ("tau_lr", tau_lr), ("tau_momentum", tau_momentum),
+                       ("tau_grad_clip", tau_grad_clip), ("gamma_decay_epochs", gamma_decay_epochs)):
+        _require(isinstance(value, (int, float)) and math.isfinite(value), key, value, "must be a finite number")
+    _require(0 < gamma <= 1, "gamma", gamma, "must be in (0, 1]")
+    _require(tau_min > 0, "tau_min", tau_min, "must be > 0")
+    _require(tau_max >= tau_min, "tau_max", tau_max, f"must be >= loss.tau_min ({tau_min})")
+    _require(tau_min <= tau_init <= tau_max, "tau_init", tau_init,
+             f"must lie in [loss.tau_min, loss.tau_max] = [{tau_min}, {tau_max}]")
+    _require(tau_lr >= 0, "tau_lr", tau_lr, "must be >= 0")
+    _require(0 <= tau_momentum <= 1, "tau_momentum", tau_momentum, "must be in [0, 1]")
+    _require(tau_grad_clip > 0, "tau_grad_clip", tau_grad_clip, "must be > 0")
+    _require(gamma_schedule in GAMMA_SCHEDULES, "gamma_schedule", gamma_schedule,
+             f"must be one of {', '.join(GAMMA_SCHEDULES)}")
+    _require(gamma_decay_epochs > 0, "gamma_decay_epochs", gamma_decay_epochs, "must be > 0")
+    _require(int(tau_warmup_steps) >= 0, "tau_warmup_steps", tau_warmup_steps, "must be >= 0")
 
 
 class ContrastiveLoss(nn.Module, ABC):
@@ -59,17 +83,10 @@ class ContrastiveLoss(nn.Module, ABC):
         super().__init__()
         _require(int(num_images) >= 1, "num_images", num_images, "must be >= 1")
         _require(int(num_texts) >= 1, "num_texts", num_texts, "must be >= 1")
-        _require(0 < gamma <= 1, "gamma", gamma, "must be in (0, 1]")
-        _require(tau_min > 0, "tau_min", tau_min, "must be > 0")
-        _require(tau_max >= tau_min, "tau_max", tau_max, f"must be >= loss.tau_min ({tau_min})")
-        _require(tau_min <= tau_init <= tau_max, "tau_init", tau_init, f"must lie in [{tau_min}, {tau_max}]")
-        _require(tau_lr >= 0, "tau_lr", tau_lr, "must be >= 0")
-        _require(0 <= tau_momentum <= 1, "tau_momentum", tau_momentum, "must be in [0, 1]")
-        _require(tau_grad_clip > 0, "tau_grad_clip", tau_grad_clip, "must be > 0")
-        _require(gamma_schedule in GAMMA_SCHEDULES, "gamma_schedule", gamma_schedule,
-                 f"must be one of {', '.join(GAMMA_SCHEDULES)}")
-        _require(gamma_decay_epochs > 0, "gamma_decay_epochs", gamma_decay_epochs, "must be > 0")
-        _require(int(tau_warmup_steps) >= 0, "tau_warmup_steps", tau_warmup_steps, "must be >= 0")
+        check_hyperparameters(gamma=gamma, rho=rho, tau_init=tau_init, tau_min=tau_min, tau_max=tau_max,
+                              tau_lr=tau_lr, tau_momentum=tau_momentum, tau_grad_clip=tau_grad_clip,
+                              gamma_schedule=gamma_schedule, gamma_decay_epochs=gamma_decay_epochs,
+                              tau_warmup_steps=tau_warmup_steps)
         self.num_images, self.num_texts = int(num_images), int(num_texts)
         self.gamma, self.rho = float(gamma), float(rho)
         self.tau_init, self.tau_min, self.tau_max = float(tau_init), float(tau_min), float(tau_max)
