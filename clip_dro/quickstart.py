@@ -13,8 +13,9 @@ from typing import Any, Optional
 
 import torch
 
-from clip_dro.checkpoint import MODEL_FILE, TEMPERATURES_FILE
+from clip_dro.checkpoint import MODEL_FILE, TEMPERATURES_FILE, CheckpointError
 from clip_dro.config import Config, load_config
+from clip_dro.errors import UserError
 from clip_dro.evaluation.checkpoint import load_checkpoint_model
 from clip_dro.evaluation.run import evaluate
 from clip_dro.evaluation.temperatures import analyze_temperatures
@@ -94,7 +95,12 @@ def run_quickstart(output: Path, steps: Optional[int] = None, num_train: Optiona
         if steps is not None:
             overrides.append(f"train.max_steps={steps}")
         cfg = load_config(CONFIGS_DIR / "tiny_cpu.yaml", overrides)
-        final = train(cfg)
+        try:
+            final = train(cfg)
+        except CheckpointError as exc:
+            # train.resume=latest continues only the very same run; anything else must not pass for new.
+            raise UserError(f"{output} holds a quickstart run with other settings ({exc}); choose another "
+                            "--output or delete it") from None
         bundle, _ = load_checkpoint_model(final)
         results = evaluate(bundle.model, bundle.tokenizer, bundle.preprocess_eval, [data / "retrieval"],
                            [data / "zeroshot"], cfg.eval.batch_size, "cpu")

@@ -272,7 +272,8 @@ class Trainer:
                    desc=f"train {cfg.loss.name}", dynamic_ncols=True)
         window_start, window_samples = time.perf_counter(), 0
         stopped = False
-        with _stop_on_signal() as stop_signal:
+        # The bar closes (ending its line) whatever happens, so an error message starts on a line of its own.
+        with _stop_on_signal() as stop_signal, bar:
             while self.global_step < self.total_steps and not stopped:
                 steps = self.loader.steps_in_epoch(self.epoch)
                 if self.step_in_epoch >= steps:
@@ -304,7 +305,6 @@ class Trainer:
                         self.evaluate()
                     if stopped or self.global_step >= self.total_steps or self.step_in_epoch >= steps:
                         break
-        bar.close()
         if stopped:
             path = self.save(f"checkpoints/step-{self.global_step}")
             acc.print(f"interrupted at step {self.global_step}; resume with train.resume=latest ({path})")

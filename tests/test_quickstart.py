@@ -3,7 +3,10 @@ import json
 import math
 
 import pandas as pd
+import pytest
 import torch
+
+from clip_dro.errors import UserError
 
 from clip_dro.quickstart import LOSSES, TABLE_METRICS, run_quickstart
 
@@ -34,3 +37,13 @@ def test_quickstart_writes_a_consistent_comparison(tmp_path):
     assert markdown[0] == "| metric | clip | sogclr | isogclr |" and len(markdown) == 2 + len(TABLE_METRICS)
     assert (tmp_path / "comparison.png").stat().st_size > 0
     assert (tmp_path / "temperatures/isogclr/tau_vs_frequency.png").is_file()
+
+    # Over the same directory: the same settings resume (nothing retrained, the same table); other settings
+    # are refused in one line instead of reporting the old runs as new.
+    assert run_quickstart(tmp_path, steps=2, num_train=480) == table
+    with pytest.raises(UserError, match=r"holds a quickstart run with other settings .*train.max_steps = 2, "
+                                        r"this run has 3"):
+        run_quickstart(tmp_path, steps=3, num_train=480)
+    with pytest.raises(UserError, match="already holds another dataset"):
+        run_quickstart(tmp_path, steps=2, num_train=400)
+    assert json.loads((tmp_path / "comparison.json").read_text()) == written
