@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: _call("data_prep.reshard", "prep_wds", input=a.input, **_prep_args(a)))
 
     p = sub.add_parser("train", help="train CLIP, SogCLR or iSogCLR from a YAML config")
-    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--config", required=True, type=Path,
+                   help="a YAML file, or the name of a shipped config (tiny_cpu, pretrained_cpu, cc3m_isogclr, ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, values parsed as YAML")
     p.set_defaults(run=lambda a: _call("clip_dro.trainer", "train_from_cli", config_path=a.config,
                                        overrides=a.overrides))

@@ -1,8 +1,15 @@
 """Tiny evaluation fixtures (prep-style shard sets written with webdataset's TarWriter and a Manifest,
-ImageFolder trees, checkpoint directories, training sets recording concepts) and brute-force reference
-metrics written independently of ``clip_dro.evaluation``."""
+ImageFolder trees, checkpoint directories, training sets recording concepts, images that cannot be decoded)
+and brute-force reference metrics written independently of ``clip_dro.evaluation``.
+
+The set writers take ``replace``: {position: bytes} writes those bytes in place of that image (a bad image),
+{position: None} leaves that sample out, everything else unchanged; so a set with a bad image and the same
+set without it come from one call each."""
 from __future__ import annotations
 
+import io
+import struct
+import zlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,6 +33,40 @@ def caption(rng: np.random.Generator) -> str:
     return "a " + " ".join(rng.choice(WORDS, size=3))
 
 
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def truncated_png(seed: int = 0) -> bytes:
+    """The first half of a valid PNG: PIL identifies it and fails while decoding."""
+    data = png_bytes(image(np.random.default_rng(seed)))
+    return data[:len(data) // 2]
+
+
+def bomb_png(side: int = 30000) -> bytes:
+    """A PNG of 1 x 1 pixels whose header claims ``side`` x ``side``: with the default side, more than twice
+    PIL's MAX_IMAGE_PIXELS, so that ``Image.open`` raises DecompressionBombError (a few dozen bytes)."""
+    data = bytearray(png_bytes(Image.new("1", (1, 1))))
+    # IHDR is the first chunk: length (4), type (4), width and height (4 + 4) at 16, then its CRC at 29.
+    data[16:24] = struct.pack(">II", side, side)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def _replaced(samples: list[dict[str, Any]], ext: str, replace: dict[int, Optional[bytes]]) -> list[dict[str, Any]]:
+    """``samples`` with the ``ext`` image of each position in ``replace`` swapped for its bytes, or the sample
+    left out where they are None."""
+    out = []
+    for i, sample in enumerate(samples):
+        if i not in replace:
+            out.append(sample)
+        elif replace[i] is not None:
+            out.append({**sample, ext: replace[i]})
+    return out
+
+
 def write_shards(directory: Path, samples: list[dict[str, Any]], shard_size: int, kind: str,
                  num_images: Optional[int] = None, num_texts: Optional[int] = None) -> Manifest:
     """Write ``samples`` (webdataset dicts without ``__key__``) as shards of ``shard_size`` plus a manifest."""
@@ -46,41 +87,48 @@ def write_shards(directory: Path, samples: list[dict[str, Any]], shard_size: int
 
 
 def make_retrieval_set(directory: Path, num_images: int = 10, shard_size: int = 4, seed: int = 0,
-                       ext: str = "png") -> list[list[str]]:
-    """A retrieval set with 1-4 captions per image; returns the captions per image in order."""
+                       ext: str = "png", replace: Optional[dict[int, Optional[bytes]]] = None) -> list[list[str]]:
+    """A retrieval set with 1-4 captions per image; returns the captions per written image in order."""
     rng = np.random.default_rng(seed)
-    samples, all_captions, text = [], [], 0
+    samples, text = [], 0
     for i in range(num_images):
         captions = [caption(rng) for _ in range(int(rng.integers(1, 5)))]
         meta = {"index": i, "image_index": i, "text_index": list(range(text, text + len(captions)))}
         samples.append({ext: image(rng), "txt": "\n".join(captions), "json": meta})
-        all_captions.append(captions)
         text += len(captions)
-    write_shards(directory, samples, shard_size, "retrieval", num_texts=text)
-    return all_captions
+    samples = _replaced(samples, ext, replace or {})
+    write_shards(directory, samples, shard_size, "retrieval",
+                 num_texts=sum(len(s["json"]["text_index"]) for s in samples))
+    return [s["txt"].split("\n") for s in samples]
 
 
 def make_zeroshot_shards(directory: Path, classnames: list[str], per_class: int = 3, shard_size: int = 5,
-                         seed: int = 0, templates: Optional[list[str]] = None) -> list[int]:
-    """A zero-shot set as prep shards with ``.cls`` labels; returns the labels in order."""
+                         seed: int = 0, templates: Optional[list[str]] = None,
+                         replace: Optional[dict[int, Optional[bytes]]] = None) -> list[int]:
+    """A zero-shot set as prep shards with ``.cls`` labels; returns the labels of the written samples in order."""
     rng = np.random.default_rng(seed)
     labels = [int(c) for c in rng.permutation(np.repeat(np.arange(len(classnames)), per_class))]
     samples = [{"jpg": image(rng), "cls": label, "json": {"index": i, "image_index": i, "text_index": []}}
                for i, label in enumerate(labels)]
+    samples = _replaced(samples, "jpg", replace or {})
     write_shards(directory, samples, shard_size, "zeroshot")
     (directory / "classnames.txt").write_text("\n".join(classnames) + "\n")
     if templates is not None:
         (directory / "templates.txt").write_text("\n".join(templates) + "\n")
-    return labels
+    return [s["cls"] for s in samples]
 
 
 def make_imagefolder(directory: Path, folders: list[str], per_class: int = 3, seed: int = 0,
-                     classnames: Optional[list[str]] = None) -> None:
+                     classnames: Optional[list[str]] = None,
+                     replace: Optional[dict[int, Optional[bytes]]] = None) -> None:
+    """Files ``folder/img{i}.png``; ``replace`` counts positions over all files, folder by folder."""
     rng = np.random.default_rng(seed)
+    files = [(directory / folder / f"img{i}.png", png_bytes(image(rng)))
+             for folder in folders for i in range(per_class)]
     for folder in folders:
         (directory / folder).mkdir(parents=True)
-        for i in range(per_class):
-            image(rng).save(directory / folder / f"img{i}.png")
+    for sample in _replaced([{"path": path, "png": data} for path, data in files], "png", replace or {}):
+        sample["path"].write_bytes(sample["png"])
     if classnames is not None:
         (directory / "classnames.txt").write_text("\n".join(classnames) + "\n")
 

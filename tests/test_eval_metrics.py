@@ -107,3 +107,22 @@ def test_zero_shot_classifier_is_normalized_mean_of_normalized_prompts():
             want.append(mean / mean.norm())
     assert got.shape == (128, 3)
     torch.testing.assert_close(got, torch.stack(want, dim=1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_ranking_refuses_non_finite_scores(bad):
+    scores = torch.tensor([[0.5, 0.9, 0.1], [0.2, 0.3, 0.4]])
+    assert best_positive_rank(scores, torch.tensor([[0], [2]])).tolist() == [1, 0]
+    scores[0, 0] = bad
+    with pytest.raises(ValueError, match="1 of 2 queries have non-finite scores"):
+        best_positive_rank(scores, torch.tensor([[0], [2]]))
+
+
+def test_metrics_refuse_nan_embeddings_instead_of_scoring_100():
+    images, texts = torch.eye(3), torch.eye(3)
+    images[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        retrieval_metrics(images, texts, torch.arange(3))
+    logits = torch.full((4, 5), float("nan"))
+    with pytest.raises(ValueError, match="4 of 4 queries"):
+        classification_metrics(logits, torch.tensor([0, 1, 2, 3]))

@@ -1,7 +1,9 @@
 """End-to-end evaluation of a generated checkpoint, compared with a direct computation written here
-(tarfile + PIL reading, open_clip loading, brute-force metrics); checkpoint resolution; bad inputs."""
+(tarfile + PIL reading, open_clip loading, brute-force metrics); checkpoint resolution; bad inputs: bad images,
+non-finite embeddings, bad options."""
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -16,10 +18,10 @@ from clip_dro.cli import main
 from clip_dro.config import Config, save_config
 from clip_dro.data.eval_sets import EvalSetError
 from clip_dro.evaluation.checkpoint import CheckpointError, load_checkpoint_model, resolve_checkpoint
-from clip_dro.evaluation.run import EvalError, evaluate, evaluate_from_cli
+from clip_dro.evaluation.run import EvalError, NonFiniteEmbeddingError, evaluate, evaluate_from_cli
 from clip_dro.models import build_model, register_model_configs
-from evalgen import (brute_force_classification, brute_force_retrieval, make_checkpoint, make_imagefolder,
-                     make_retrieval_set, make_train_set, make_zeroshot_shards)
+from evalgen import (bomb_png, brute_force_classification, brute_force_retrieval, make_checkpoint, make_imagefolder,
+                     make_retrieval_set, make_train_set, make_zeroshot_shards, truncated_png)
 
 BATCH = 4
 TEMPLATES = ["a photo of a {c}.", "a {c} drawn in pencil"]
@@ -218,3 +220,151 @@ def test_nothing_to_evaluate(tmp_path):
         evaluate_from_cli(checkpoint=ckpt, retrieval=[], zeroshot=[], output=None, batch_size=4, export=None)
     with pytest.raises(EvalError, match="--batch-size"):
         evaluate_from_cli(checkpoint=ckpt, retrieval=[], zeroshot=[], output=None, batch_size=0, export=None)
+
+
+@pytest.mark.parametrize("options, message", [({"workers": -1}, "--workers"),
+                                              ({"on_bad_image": "ignore"}, "--on-bad-image")])
+def test_bad_options_fail_before_anything_is_read(tmp_path, options, message):
+    with pytest.raises(EvalError, match=message):  # the checkpoint does not even exist
+        evaluate_from_cli(checkpoint=tmp_path / "missing", retrieval=[], zeroshot=[], output=None, batch_size=4,
+                          export=None, **options)
+    bundle = build_model("tiny-vit")
+    with pytest.raises(EvalError, match=message):
+        evaluate(bundle.model, bundle.tokenizer, bundle.preprocess_eval, [tmp_path / "missing"], [], 4, "cpu",
+                 **options)
+
+
+# --------------------------------------------------------------------------------- non-finite embeddings
+
+
+class NaNRows(torch.nn.Module):
+    """A model whose ``side`` ("image" or "text") embeddings are NaN in the first row of every batch."""
+
+    def __init__(self, model: torch.nn.Module, side: str):
+        super().__init__()
+        self.model, self.side = model, side
+
+    def _spoil(self, features: torch.Tensor, side: str) -> torch.Tensor:
+        if side == self.side:
+            features = features.clone()
+            features[0] = float("nan")
+        return features
+
+    def encode_image(self, images, normalize=False):
+        return self._spoil(self.model.encode_image(images, normalize=normalize), "image")
+
+    def encode_text(self, text, normalize=False):
+        return self._spoil(self.model.encode_text(text, normalize=normalize), "text")
+
+
+@pytest.mark.parametrize("kind, side, message", [
+    ("retrieval", "image", "3 of 11 image embeddings are not finite"),  # 11 images in batches of 4
+    ("retrieval", "text", "3 of {texts} text embeddings are not finite"),  # the captions of each image batch
+    ("zeroshot", "image", "3 of 12 image embeddings are not finite"),
+    ("zeroshot", "text", "1 of 6 class embeddings are not finite"),  # the first prompt of the first class
+])
+def test_non_finite_embeddings_name_the_set_side_and_count(sets, kind, side, message):
+    torch.manual_seed(0)
+    bundle = build_model("tiny-vit")
+    directory = sets / ("coco_test" if kind == "retrieval" else "zs_shards")
+    texts = sum(len(s["txt"].decode().split("\n")) for s in _read_shards(sets / "coco_test"))
+    expected = re.escape(f"eval set {directory}: " + message.format(texts=texts))
+    with pytest.raises(NonFiniteEmbeddingError, match=expected):
+        evaluate(NaNRows(bundle.model, side), bundle.tokenizer, bundle.preprocess_eval,
+                 [directory] if kind == "retrieval" else [], [directory] if kind == "zeroshot" else [], BATCH, "cpu")
+
+
+# ------------------------------------------------------------------------------------------- bad images
+
+CLASSES = ["cat", "dog", "bird", "fish", "horse", "cow"]
+FRUITS = ["apple", "banana", "cherry"]
+# Each set's bad images by position, in the middle of a batch and at the start of one, so that the rows after
+# them must still line up with their captions and labels.
+BAD = {"coco_test": {5: bomb_png(), 8: truncated_png()}, "zs_shards": {3: b"not an image"},
+       "zs_folder": {3: truncated_png(1)}}
+
+
+def _write_sets(root: Path, replace: dict[str, dict]) -> Path:
+    make_retrieval_set(root / "coco_test", num_images=11, shard_size=4, seed=1, replace=replace["coco_test"])
+    make_zeroshot_shards(root / "zs_shards", CLASSES, per_class=2, shard_size=5, templates=TEMPLATES,
+                         replace=replace["zs_shards"])
+    make_imagefolder(root / "zs_folder", FRUITS, per_class=3, replace=replace["zs_folder"])
+    (root / "zs_folder" / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")  # fewer prompts: faster
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    return (_write_sets(root / "bad", BAD),
+            _write_sets(root / "clean", {name: {i: None for i in bad} for name, bad in BAD.items()}))
+
+
+def _cli_sets(root: Path) -> list[str]:
+    return ["--retrieval", str(root / "coco_test"), "--zeroshot", str(root / "zs_shards"), str(root / "zs_folder")]
+
+
+def test_bad_images_are_skipped_and_counted(tmp_path, bad_sets, capsys):
+    bad, clean = bad_sets
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=3)
+    assert main(["eval", "--checkpoint", str(ckpt), *_cli_sets(bad), "--batch-size", str(BATCH), "--workers", "2",
+                 "--output", str(tmp_path / "bad.json")]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads((tmp_path / "bad.json").read_text())
+    results = {r["dataset"]: r for r in doc["results"]}
+
+    # Metrics as if the bad files were not there, computed directly on the clean sets.
+    direct = Direct(ckpt)
+    _assert_metrics_equal(results["coco_test"]["metrics"], direct.retrieval(clean / "coco_test"))
+    shards = _read_shards(clean / "zs_shards")
+    _assert_metrics_equal(results["zs_shards"]["metrics"], direct.classification(
+        [_open(s["jpg"]) for s in shards], [int(s["cls"]) for s in shards], CLASSES,
+        [lambda c, t=t: t.replace("{c}", c) for t in TEMPLATES]))
+    folder = [(_open(p.read_bytes()), label) for label, name in enumerate(FRUITS)
+              for p in sorted((clean / "zs_folder" / name).iterdir())]
+    _assert_metrics_equal(results["zs_folder"]["metrics"], direct.classification(
+        [i for i, _ in folder], [label for _, label in folder], FRUITS,
+        [lambda c, t=t: t.replace("{c}", c) for t in TEMPLATES]))
+
+    ret = bad / "coco_test"
+    assert results["coco_test"]["skipped_images"] == 2
+    assert [e["image"] for e in results["coco_test"]["skipped_examples"]] == [
+        f"{ret / 'shard-00001.tar'}: sample 000000005", f"{ret / 'shard-00002.tar'}: sample 000000008"]
+    assert [e["reason"].split(":")[0] for e in results["coco_test"]["skipped_examples"]] == [
+        "DecompressionBombError", "OSError"]
+    assert results["zs_shards"]["skipped_images"] == 1
+    assert results["zs_shards"]["skipped_examples"][0]["image"] == (
+        f"{bad / 'zs_shards' / 'shard-00000.tar'}: sample 000000003")
+    assert results["zs_folder"]["skipped_examples"] == [
+        {"image": str(bad / "zs_folder" / "banana" / "img0.png"), "reason": "OSError: image file is truncated"}]
+
+    assert re.search(r"coco_test .* 2\n", out) and "skipped_images" in out
+    assert f"coco_test: skipped {ret / 'shard-00001.tar'}: sample 000000005: DecompressionBombError: Image size" in out
+
+    # Decoding in this process gives the same document.
+    assert main(["eval", "--checkpoint", str(ckpt), *_cli_sets(bad), "--batch-size", str(BATCH), "--workers", "0",
+                 "--output", str(tmp_path / "inline.json")]) == 0
+    assert json.loads((tmp_path / "inline.json").read_text()) == doc
+
+
+@pytest.mark.parametrize("name, where", [
+    ("coco_test", "coco_test/shard-00001.tar: sample 000000005: cannot decode the image (DecompressionBombError"),
+    ("zs_shards", "zs_shards/shard-00000.tar: sample 000000003: cannot decode the image (UnidentifiedImageError"),
+    ("zs_folder", "zs_folder/banana/img0.png: cannot decode the image (OSError: image file is truncated)"),
+])
+def test_bad_image_with_on_bad_image_error_is_one_line(tmp_path, bad_sets, capsys, name, where):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    kind = "--retrieval" if name == "coco_test" else "--zeroshot"
+    assert main(["eval", "--checkpoint", str(ckpt), kind, str(bad_sets[0] / name), "--batch-size", str(BATCH),
+                 "--workers", "2", "--on-bad-image", "error"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clip-dro eval: error: ") and "\n" not in err
+    assert str(bad_sets[0] / where) in err and "--on-bad-image skip" in err
+    assert not (ckpt / "eval.json").exists()
+
+
+def test_set_without_a_decodable_image_is_an_error(tmp_path):
+    make_imagefolder(tmp_path / "zs", ["a", "b"], per_class=1, replace={0: b"", 1: b"GIF89a"})
+    bundle = build_model("tiny-vit")
+    with pytest.raises(EvalSetError, match=f"eval set {tmp_path / 'zs'}: none of its 2 images can be decoded"):
+        evaluate(bundle.model, bundle.tokenizer, bundle.preprocess_eval, [], [tmp_path / "zs"], BATCH, "cpu")

@@ -1,28 +1,50 @@
-"""Reading retrieval and zero-shot sets, and their clear errors."""
+"""Reading retrieval and zero-shot sets, decoding their images, and their clear errors."""
+import io
+import json
+import re
+import tarfile
+
 import numpy as np
 import open_clip
 import pytest
 import torch
 import torchvision.transforms as T
+from PIL import Image
 
-from clip_dro.data.eval_sets import (EvalSetError, check_retrieval_set, iter_retrieval_batches, iter_sample_json,
+from clip_dro.data.eval_sets import (EvalSetError, ImageRef, check_retrieval_set, image_batches, iter_sample_json,
                                      load_zeroshot_set)
 from clip_dro.errors import UserError
-from evalgen import image, make_imagefolder, make_retrieval_set, make_zeroshot_shards, write_shards
+from evalgen import (bomb_png, image, make_imagefolder, make_retrieval_set, make_zeroshot_shards, png_bytes,
+                     truncated_png, write_shards)
 
 PREPROCESS = T.Compose([T.Resize((8, 8)), T.ToTensor()])
 
 
-def test_retrieval_batches_in_manifest_order(tmp_path):
+def _shard_images(directory, ext):
+    """The image bytes of every sample, read with tarfile alone, in manifest order."""
+    out = []
+    for shard in json.loads((directory / "manifest.json").read_text())["shards"]:
+        with tarfile.open(directory / shard["name"]) as tar:
+            out += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith("." + ext)]
+    return out
+
+
+def _preprocessed(data):
+    return PREPROCESS(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_retrieval_set_in_manifest_order(tmp_path):
     captions = make_retrieval_set(tmp_path / "ret", num_images=10, shard_size=4)
     info = check_retrieval_set(tmp_path / "ret")
     assert (info.name, info.num_samples, info.num_texts) == ("ret", 10, sum(map(len, captions)))
-    batches = list(iter_retrieval_batches(tmp_path / "ret", PREPROCESS, batch_size=3))
-    assert [len(b[1]) for b in batches] == [3, 3, 3, 1]
-    assert batches[0][0].shape == (3, 3, 8, 8)
-    assert [c for b in batches for c in b[1]] == captions
-    assert [i for b in batches for i in b[2]] == list(range(10))
-    assert [t for b in batches for ts in b[3] for t in ts] == list(range(info.num_texts))
+    assert info.captions == captions
+    assert [ref.where for ref in info.images] == [
+        f"{tmp_path / 'ret' / f'shard-{i // 4:05d}.tar'}: sample {i:09d}" for i in range(10)]
+    batches = list(image_batches(info.images, PREPROCESS, batch_size=3))
+    assert [b.rows for b in batches] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert all(not b.bad for b in batches)
+    want = torch.stack([_preprocessed(data) for data in _shard_images(tmp_path / "ret", "png")])
+    assert torch.equal(torch.cat([b.images for b in batches]), want)
 
 
 def test_sample_json_scan_reads_every_record(tmp_path):
@@ -55,12 +77,6 @@ def test_bad_retrieval_sample_is_named(tmp_path, changes, message):
     assert "shard-00000.tar: sample 000000001" in str(err.value)
 
 
-def test_reader_names_sample_without_captions_too(tmp_path):
-    _broken_retrieval_set(tmp_path / "ret", txt="")
-    with pytest.raises(EvalSetError, match="shard-00000.tar: sample 000000001 has no captions"):
-        list(iter_retrieval_batches(tmp_path / "ret", PREPROCESS, 2))
-
-
 def test_missing_sets_are_clear_errors(tmp_path):
     with pytest.raises(EvalSetError, match="retrieval set .*nope does not exist"):
         check_retrieval_set(tmp_path / "nope")
@@ -79,9 +95,9 @@ def test_zeroshot_shards(tmp_path):
     zs = load_zeroshot_set(tmp_path / "zs")
     assert (zs.name, zs.layout, zs.num_samples, zs.classnames) == ("zs", "shards", 9, ["cat", "dog", "bird"])
     assert [t("red fox") for t in zs.templates] == ["a photo of a red fox.", "red fox!"]
-    batches = list(zs.batches(PREPROCESS, 4))
-    assert torch.cat([b[1] for b in batches]).tolist() == labels
-    assert batches[0][0].shape == (4, 3, 8, 8)
+    assert zs.labels == labels
+    images = torch.cat([b.images for b in image_batches(zs.images, PREPROCESS, 4)])
+    assert torch.equal(images, torch.stack([_preprocessed(data) for data in _shard_images(tmp_path / "zs", "jpg")]))
 
 
 def test_zeroshot_default_templates_are_open_clip_imagenet_ones(tmp_path):
@@ -92,10 +108,13 @@ def test_zeroshot_default_templates_are_open_clip_imagenet_ones(tmp_path):
 
 def test_zeroshot_imagefolder(tmp_path):
     make_imagefolder(tmp_path / "zs", ["b_dog", "a_cat"], per_class=2)
+    (tmp_path / "zs" / ".cache").mkdir()  # not a class, as for ImageNet tools' hidden folders
     zs = load_zeroshot_set(tmp_path / "zs")
     assert (zs.layout, zs.num_samples, zs.classnames) == ("imagefolder", 4, ["a_cat", "b_dog"])
-    images, labels = next(zs.batches(PREPROCESS, 8))
-    assert labels.tolist() == [0, 0, 1, 1] and images.shape == (4, 3, 8, 8)
+    files = [tmp_path / "zs" / folder / f"img{i}.png" for folder in ["a_cat", "b_dog"] for i in range(2)]
+    assert zs.labels == [0, 0, 1, 1] and [ref.where for ref in zs.images] == [str(f) for f in files]
+    batch = next(iter(image_batches(zs.images, PREPROCESS, 8)))
+    assert torch.equal(batch.images, torch.stack([_preprocessed(f.read_bytes()) for f in files]))
     (tmp_path / "zs" / "classnames.txt").write_text("cat\ndog\n")
     assert load_zeroshot_set(tmp_path / "zs").classnames == ["cat", "dog"]
 
@@ -143,3 +162,70 @@ def test_zeroshot_shards_need_labels_and_classnames(tmp_path):
     (tmp_path / "zs" / "classnames.txt").write_text("cat\n")
     with pytest.raises(EvalSetError, match="sample 000000000 has no .cls label"):
         load_zeroshot_set(tmp_path / "zs")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_batches_hand_back_undecodable_images(tmp_path, workers):
+    good = [png_bytes(image(np.random.default_rng(i))) for i in range(4)]
+    files = {"a.png": good[0], "garbage.png": b"not an image", "b.png": good[1], "c.png": good[2],
+             "truncated.png": truncated_png(), "bomb.png": bomb_png(), "d.png": good[3]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(Image.DecompressionBombError):  # what the fixture is for
+        Image.open(io.BytesIO(bomb_png()))
+    refs = [ImageRef(str(tmp_path / name), tmp_path / name) for name in files]
+    batches = list(image_batches(refs, PREPROCESS, batch_size=3, workers=workers))
+    assert [b.rows for b in batches] == [[0, 2], [3], [6]]
+    assert torch.equal(torch.cat([b.images for b in batches]), torch.stack([_preprocessed(d) for d in good]))
+    bad = [x for b in batches for x in b.bad]
+    assert [x.where for x in bad] == [str(tmp_path / n) for n in ["garbage.png", "truncated.png", "bomb.png"]]
+    assert [x.reason.split(":")[0] for x in bad] == ["UnidentifiedImageError", "OSError", "DecompressionBombError"]
+    assert all("\n" not in x.reason for x in bad)
+
+
+def _cut_points(shard):
+    """Offsets inside image data, inside a member header and at a member boundary, away from the start."""
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    image = next(m for m in members[3:] if m.name.endswith((".png", ".jpg")))
+    header = members[4]
+    return {"in image data": image.offset_data + image.size // 2, "in a header": header.offset + 100,
+            "at a member boundary": header.offset}
+
+
+@pytest.mark.parametrize("where", ["in image data", "in a header", "at a member boundary"])
+@pytest.mark.parametrize("kind", ["retrieval", "zeroshot"])
+def test_truncated_shard_is_named(tmp_path, kind, where):
+    if kind == "retrieval":
+        make_retrieval_set(tmp_path / "set", num_images=6, shard_size=3)
+        load = check_retrieval_set
+    else:
+        make_zeroshot_shards(tmp_path / "set", ["cat", "dog"], per_class=3, shard_size=3)
+        load = load_zeroshot_set
+    shard = tmp_path / "set" / "shard-00000.tar"
+    shard.write_bytes(shard.read_bytes()[:_cut_points(shard)[where]])
+    with pytest.raises(EvalSetError, match=re.escape(str(shard)) + ".*truncated or damaged"):
+        load(tmp_path / "set")
+
+
+def test_shard_not_holding_what_the_manifest_lists(tmp_path):
+    make_retrieval_set(tmp_path / "ret", num_images=6, shard_size=3)
+    path = tmp_path / "ret" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"][0]["num_samples"], manifest["shards"][1]["num_samples"] = 2, 4
+    manifest["shards"][1]["first_index"] = 2
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(EvalSetError, match=r"shard-00000.tar holds 3 samples but .*manifest.json lists 2"):
+        check_retrieval_set(tmp_path / "ret")
+
+
+@pytest.mark.parametrize("kind", ["retrieval", "zeroshot"])
+def test_damaged_manifest_is_named(tmp_path, kind):
+    if kind == "retrieval":
+        make_retrieval_set(tmp_path / "set", num_images=3)
+    else:
+        make_zeroshot_shards(tmp_path / "set", ["cat", "dog"])
+    path = tmp_path / "set" / "manifest.json"
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(UserError, match=re.escape(str(path)) + ": not valid JSON"):
+        (check_retrieval_set if kind == "retrieval" else load_zeroshot_set)(tmp_path / "set")

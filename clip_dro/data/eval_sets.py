@@ -45,20 +45,6 @@ class EvalSetError(UserError):
     """An evaluation set that cannot be read; the message names the directory, file, shard or sample."""
 
 
-@dataclass
-class ShardSample:
-    """One sample of a shard as seen by a scan: the extensions it holds and the bytes of the small ones."""
-
-    shard: Path
-    key: str
-    extensions: set[str]
-    data: dict[str, bytes]
-
-    @property
-    def where(self) -> str:
-        return f"{self.shard}: sample {self.key}"
-
-
 def require_dir(directory: str | Path, what: str) -> Path:
     directory = Path(directory)
     if not directory.is_dir():
@@ -66,31 +52,158 @@ def require_dir(directory: str | Path, what: str) -> Path:
     return directory
 
 
+# ---------------------------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one image of a set is: the file ``path``, or the member ``member`` of the shard tar ``path``."""
+
+    where: str  # how messages name it: the file, or "<shard>: sample <key>"
+    path: Path
+    member: Optional[tarfile.TarInfo] = None
+
+    def read(self) -> bytes:
+        if self.member is None:
+            return self.path.read_bytes()
+        # The member as the scan found it: tarfile reads its bytes without indexing the archive again (a
+        # compressed shard is decompressed up to the member each time; prep writes plain tars).
+        with tarfile.open(self.path) as tar:
+            return tar.extractfile(self.member).read()
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """An image that cannot be read or decoded, and why (one line)."""
+
+    where: str
+    reason: str
+
+
+# What reading and decoding a damaged image raises: OSError for an unreadable file and for PIL's truncated or
+# broken data; tarfile.TarError for a shard member cut short; DecompressionBombError (not an OSError) for an
+# image of more than twice PIL's MAX_IMAGE_PIXELS; SyntaxError, ValueError and EOFError for what some PIL
+# plugins raise on malformed headers.
+_DECODE_ERRORS = (OSError, tarfile.TarError, Image.DecompressionBombError, SyntaxError, ValueError, EOFError)
+
+
+def decode_image(ref: ImageRef) -> Image.Image | BadImage:
+    """The RGB image at ``ref``, or a :class:`BadImage` saying why there is none."""
+    try:
+        with Image.open(io.BytesIO(ref.read())) as img:
+            return img.convert("RGB")
+    except UnidentifiedImageError:  # its own message names only the in-memory buffer
+        return BadImage(ref.where, "UnidentifiedImageError: not an image format PIL recognizes")
+    except _DECODE_ERRORS as exc:
+        return BadImage(ref.where, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+
+
+class _Images(torch.utils.data.Dataset):
+    """Item i: ``(i, preprocessed image i)``, or ``(i, BadImage)``: a bad file never raises inside a worker."""
+
+    def __init__(self, refs: Sequence[ImageRef], preprocess: Callable):
+        self.refs, self.preprocess = refs, preprocess
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> tuple[int, Any]:
+        image = decode_image(self.refs[i])
+        return i, image if isinstance(image, BadImage) else self.preprocess(image)
+
+
+@dataclass
+class ImageBatch:
+    """One batch of consecutive positions of a set: the images that decoded, and the others."""
+
+    rows: list[int]  # positions in the set of the images in ``images``, ascending
+    images: Optional[torch.Tensor]  # [len(rows), ...]; None when no image of the batch decoded
+    bad: list[BadImage]
+
+
+def _collate(items: list[tuple[int, Any]]) -> ImageBatch:
+    good = [(i, x) for i, x in items if not isinstance(x, BadImage)]
+    return ImageBatch([i for i, _ in good], torch.stack([x for _, x in good]) if good else None,
+                      [x for _, x in items if isinstance(x, BadImage)])
+
+
+def image_batches(refs: Sequence[ImageRef], preprocess: Callable, batch_size: int,
+                  workers: int = 0) -> torch.utils.data.DataLoader:
+    """Batches (:class:`ImageBatch`) of ``batch_size`` consecutive images of ``refs``, in order, decoded and
+    preprocessed in ``workers`` DataLoader worker processes (0: in this one). A map-style dataset keeps the
+    batches the same for any number of workers, and so the results."""
+    return torch.utils.data.DataLoader(_Images(refs, preprocess), batch_size=batch_size, shuffle=False,
+                                       num_workers=workers, collate_fn=_collate)
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+@dataclass
+class ShardSample:
+    """One sample of a shard as seen by a scan: its members by extension, and the bytes of the small ones."""
+
+    shard: Path
+    key: str
+    members: dict[str, tarfile.TarInfo]
+    data: dict[str, bytes]
+
+    @property
+    def where(self) -> str:
+        return f"{self.shard}: sample {self.key}"
+
+    @property
+    def image(self) -> Optional[ImageRef]:
+        """The sample's image: its member of the first extension of ``IMAGE_EXTENSIONS`` it has."""
+        ext = next((e for e in IMAGE_EXTENSIONS if e in self.members), None)
+        return None if ext is None else ImageRef(self.where, self.shard, self.members[ext])
+
+
+def _check_archive_end(tar: tarfile.TarFile, shard: Path, last: Optional[tarfile.TarInfo]) -> None:
+    """A complete tar archive has its end-of-archive block (zeros) right after its last member. tarfile stops
+    without a word at a header that is cut short or damaged, so without this a truncated shard would pass for
+    one with fewer members."""
+    if last is None:  # tarfile.open has already refused a first header cut short or damaged
+        return
+    tar.fileobj.seek(last.offset_data + -(-last.size // _TAR_BLOCK) * _TAR_BLOCK)
+    if tar.fileobj.read(_TAR_BLOCK) != bytes(_TAR_BLOCK):
+        raise EvalSetError(f"{shard}: truncated or damaged tar shard (no end-of-archive block after member "
+                           f"{last.name})")
+
+
+def _read_shard(shard: Path, read: set[str]) -> list[ShardSample]:
+    """The samples of one shard with the bytes of the members whose extension is in ``read``, grouped by key
+    the way webdataset groups them (``base_plus_ext``)."""
+    try:
+        with tarfile.open(shard) as tar:
+            samples: list[ShardSample] = []
+            last: Optional[tarfile.TarInfo] = None
+            for member in tar:
+                last = member
+                key, ext = base_plus_ext(member.name)
+                if not member.isfile() or key is None:
+                    continue
+                ext = ext.lower()
+                if not samples or samples[-1].key != key:
+                    samples.append(ShardSample(shard, key, {}, {}))
+                samples[-1].members[ext] = member
+                if ext in read:
+                    samples[-1].data[ext] = tar.extractfile(member).read()
+            _check_archive_end(tar, shard, last)
+            return samples
+    except (tarfile.TarError, EOFError, OSError) as exc:  # EOFError: a compressed shard cut short
+        raise EvalSetError(f"{shard}: not a readable tar shard, truncated or damaged ({exc})") from None
+
+
 def scan_shards(directory: Path, manifest: Manifest, read: set[str]) -> Iterator[ShardSample]:
     """Every sample of the shards, in manifest order, with the bytes of the members whose extension is in
-    ``read``. Samples are grouped by key the way webdataset groups them (``base_plus_ext``)."""
-    for shard in manifest.shard_paths(directory):
-        try:
-            with tarfile.open(shard) as tar:
-                current: Optional[ShardSample] = None
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, ext = base_plus_ext(member.name)
-                    if key is None:
-                        continue
-                    ext = ext.lower()
-                    if current is None or current.key != key:
-                        if current is not None:
-                            yield current
-                        current = ShardSample(shard, key, set(), {})
-                    current.extensions.add(ext)
-                    if ext in read:
-                        current.data[ext] = tar.extractfile(member).read()
-                if current is not None:
-                    yield current
-        except tarfile.TarError as exc:
-            raise EvalSetError(f"{shard}: not a readable tar shard ({exc})") from None
+    ``read``. A shard must be a complete tar holding the number of samples the manifest lists for it."""
+    for info, shard in zip(manifest.shards, manifest.shard_paths(directory)):
+        samples = _read_shard(shard, read)
+        if len(samples) != info.num_samples:
+            raise EvalSetError(f"{shard} holds {len(samples)} samples but {directory / MANIFEST_NAME} lists "
+                               f"{info.num_samples} for it")
+        yield from samples
 
 
 def iter_sample_json(directory: str | Path) -> Iterator[dict[str, Any]]:
@@ -117,14 +230,20 @@ def _parse_json(where: str, raw: Optional[bytes]) -> dict[str, Any]:
 
 @dataclass
 class RetrievalSetInfo:
+    """A checked retrieval set: its images in manifest order, and the captions of each."""
+
     name: str
     directory: Path
-    num_samples: int
-    num_texts: int
+    images: list[ImageRef]
+    captions: list[list[str]]
 
+    @property
+    def num_samples(self) -> int:
+        return len(self.images)
 
-def _has_image(extensions: set[str] | Any) -> bool:
-    return any(ext in extensions for ext in IMAGE_EXTENSIONS)
+    @property
+    def num_texts(self) -> int:
+        return sum(map(len, self.captions))
 
 
 def parse_retrieval_sample(where: str, has_image: bool, text: Optional[str],
@@ -151,67 +270,30 @@ def parse_retrieval_sample(where: str, has_image: bool, text: Optional[str],
 
 
 def check_retrieval_set(directory: str | Path) -> RetrievalSetInfo:
-    """Check every sample of a retrieval set (an image, captions, indices, each image once) without decoding
-    images."""
+    """Check every sample of a retrieval set (an image, captions, indices, each image once) and note where its
+    image is, without decoding images."""
     directory = require_dir(directory, "retrieval set")
     manifest = load_manifest(directory)
     if manifest.num_samples == 0:
         raise EvalSetError(f"retrieval set {directory} holds no samples")
-    num_samples = num_texts = 0
+    images: list[ImageRef] = []
+    captions: list[list[str]] = []
     seen_images: set[int] = set()
     for sample in scan_shards(directory, manifest, {"txt", "json"}):
         try:
             text = sample.data["txt"].decode("utf-8") if "txt" in sample.data else None
         except UnicodeDecodeError:
             raise EvalSetError(f"{sample.where}: .txt is not UTF-8 text") from None
-        captions, image_index, _ = parse_retrieval_sample(sample.where, _has_image(sample.extensions), text,
-                                                          _parse_json(sample.where, sample.data.get("json")))
+        image = sample.image
+        sample_captions, image_index, _ = parse_retrieval_sample(sample.where, image is not None, text,
+                                                                 _parse_json(sample.where, sample.data.get("json")))
         if image_index in seen_images:
             raise EvalSetError(f"{sample.where}: image_index {image_index} appears in an earlier sample; a "
                                "retrieval set holds each image once, with all its captions")
         seen_images.add(image_index)
-        num_samples += 1
-        num_texts += len(captions)
-    if num_samples != manifest.num_samples:
-        raise EvalSetError(f"{directory / MANIFEST_NAME}: lists {manifest.num_samples} samples but the shards "
-                           f"hold {num_samples}")
-    return RetrievalSetInfo(directory.name, directory, num_samples, num_texts)
-
-
-def _webdataset(paths: list[Path]) -> wds.WebDataset:
-    # Evaluation reads every shard in this one process, whatever the rank: no node or worker splitting.
-    return wds.WebDataset([str(p) for p in paths], shardshuffle=False, nodesplitter=None,
-                          workersplitter=None, empty_check=False).decode("pilrgb")
-
-
-def _image_of(sample: dict[str, Any]) -> Any:
-    return next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
-
-
-RetrievalBatch = tuple[torch.Tensor, list[list[str]], list[int], list[list[int]]]
-
-
-def iter_retrieval_batches(directory: str | Path, preprocess: Callable,
-                           batch_size: int) -> Iterator[RetrievalBatch]:
-    """Batches ``(images, captions, image_index, text_index)`` of a retrieval set in manifest order:
-    ``images`` a tensor of preprocessed images, and per image its captions, its global image index and the
-    global text index of each caption."""
-    directory = require_dir(directory, "retrieval set")
-    manifest = load_manifest(directory)
-
-    def to_record(sample: dict[str, Any]) -> tuple[torch.Tensor, list[str], int, list[int]]:
-        where = f"{sample['__url__']}: sample {sample['__key__']}"
-        captions, image_index, text_index = parse_retrieval_sample(
-            where, _has_image(sample), sample.get("txt"), sample.get("json"))
-        return preprocess(_image_of(sample)), captions, image_index, text_index
-
-    def collate(records: list[tuple]) -> RetrievalBatch:
-        images, captions, image_index, text_index = zip(*records)
-        return torch.stack(images), list(captions), list(image_index), list(text_index)
-
-    pipeline = _webdataset(manifest.shard_paths(directory)).map(to_record).batched(
-        batch_size, collation_fn=collate, partial=True)
-    yield from pipeline
+        images.append(image)
+        captions.append(sample_captions)
+    return RetrievalSetInfo(directory.name, directory, images, captions)
 
 
 # ---------------------------------------------------------------------------------------------- zero-shot
@@ -219,31 +301,20 @@ def iter_retrieval_batches(directory: str | Path, preprocess: Callable,
 
 @dataclass
 class ZeroShotSet:
-    """A zero-shot classification set: class names in label order, prompt templates, and its images."""
+    """A zero-shot classification set: class names in label order, prompt templates, and its images with their
+    labels in a fixed order (manifest order, or ImageFolder's sorted order)."""
 
     name: str
     directory: Path
     classnames: list[str]
     templates: list[Template]
-    num_samples: int
+    images: list[ImageRef]
+    labels: list[int]
     layout: str  # "shards" or "imagefolder"
 
-    def batches(self, preprocess: Callable, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(images, labels)`` batches in a fixed order (manifest order, or ImageFolder's sorted order)."""
-        if self.layout == "imagefolder":
-            dataset = torchvision.datasets.ImageFolder(str(self.directory), transform=preprocess)
-            yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-            return
-        manifest = load_manifest(self.directory)
-
-        def collate(records: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
-            images, labels = zip(*records)
-            return torch.stack(images), torch.tensor(labels, dtype=torch.long)
-
-        pipeline = (_webdataset(manifest.shard_paths(self.directory))
-                    .map(lambda s: (preprocess(_image_of(s)), int(s["cls"])))
-                    .batched(batch_size, collation_fn=collate, partial=True))
-        yield from pipeline
+    @property
+    def num_samples(self) -> int:
+        return len(self.images)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -275,10 +346,13 @@ def read_templates(directory: Path) -> list[Template]:
     return [_format_template(line) for line in lines]
 
 
-def _shard_labels(directory: Path, manifest: Manifest, num_classes: int, classnames_path: Path) -> int:
-    count = 0
+def _shard_images(directory: Path, manifest: Manifest, num_classes: int,
+                  classnames_path: Path) -> tuple[list[ImageRef], list[int]]:
+    """The image and the checked ``.cls`` label of every sample of a zero-shot set's shards."""
+    images, labels = [], []
     for sample in scan_shards(directory, manifest, {"cls"}):
-        if not _has_image(sample.extensions):
+        image = sample.image
+        if image is None:
             raise EvalSetError(f"{sample.where} has no image (.{', .'.join(IMAGE_EXTENSIONS)})")
         if "cls" not in sample.data:
             raise EvalSetError(f"{sample.where} has no .cls label: a zero-shot set's samples need one")
@@ -289,8 +363,9 @@ def _shard_labels(directory: Path, manifest: Manifest, num_classes: int, classna
         if not 0 <= label < num_classes:
             raise EvalSetError(f"{sample.where} has label {label} but {classnames_path} has {num_classes} class "
                                f"names (labels 0..{num_classes - 1})")
-        count += 1
-    return count
+        images.append(image)
+        labels.append(label)
+    return images, labels
 
 
 def _imagefolder_classnames(directory: Path, folders: list[str]) -> list[str]:
@@ -308,7 +383,8 @@ def _imagefolder_classnames(directory: Path, folders: list[str]) -> list[str]:
 
 
 def load_zeroshot_set(directory: str | Path) -> ZeroShotSet:
-    """Read and check a zero-shot set's class names, templates and labels (images are not decoded)."""
+    """Read and check a zero-shot set's class names, templates and labels, and note where its images are
+    (images are not decoded)."""
     directory = require_dir(directory, "zero-shot set")
     templates = read_templates(directory)
     if (directory / MANIFEST_NAME).is_file():
@@ -317,7 +393,7 @@ def load_zeroshot_set(directory: str | Path) -> ZeroShotSet:
             raise EvalSetError(f"zero-shot set {directory} has no {CLASSNAMES_NAME} (one class name per line, "
                                "in label order)")
         classnames = _read_lines(classnames_path)
-        count = _shard_labels(directory, load_manifest(directory), len(classnames), classnames_path)
+        images, labels = _shard_images(directory, load_manifest(directory), len(classnames), classnames_path)
         layout = "shards"
     else:
         folders = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -325,11 +401,15 @@ def load_zeroshot_set(directory: str | Path) -> ZeroShotSet:
             raise EvalSetError(f"zero-shot set {directory} has neither {MANIFEST_NAME} (prep shards) nor class "
                                "sub-folders (ImageFolder layout)")
         classnames = _imagefolder_classnames(directory, folders)
-        try:
-            count = len(torchvision.datasets.ImageFolder(str(directory)).samples)
+        try:  # ImageFolder's listing and order, over the folders named above
+            files = torchvision.datasets.folder.make_dataset(
+                str(directory), {folder: i for i, folder in enumerate(folders)},
+                extensions=torchvision.datasets.folder.IMG_EXTENSIONS)
         except FileNotFoundError as exc:
             raise EvalSetError(f"zero-shot set {directory}: {exc}") from None
+        images = [ImageRef(path, Path(path)) for path, _ in files]
+        labels = [label for _, label in files]
         layout = "imagefolder"
-    if count == 0:
+    if not images:
         raise EvalSetError(f"zero-shot set {directory} holds no images")
-    return ZeroShotSet(directory.name, directory, classnames, templates, count, layout)
+    return ZeroShotSet(directory.name, directory, classnames, templates, images, labels, layout)

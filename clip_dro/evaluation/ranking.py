@@ -3,6 +3,7 @@
 Candidates are ordered by descending score, ties broken by the lower candidate index (a stable descending
 sort). A query is a hit at k when a positive is among the first k candidates of that order. This is the
 top-k of CLIP_benchmark (``torch.topk``) with its unspecified order of tied scores made deterministic.
+Scores must be finite: no candidate scores above a NaN, so a NaN positive would rank first and score 100.
 """
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ def best_positive_rank(scores: torch.Tensor, positives: torch.Tensor) -> torch.T
 
     No sort and no [Q, C] mask of positives: the best-ranked positive is the highest-scoring one (the lowest
     index among equals), read from ``scores`` itself so that ties with it compare exactly, and its rank
-    counts the candidates that come before it.
+    counts the candidates that come before it. Non-finite scores are a ValueError (see the module docstring).
     """
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"{int((~torch.isfinite(scores)).any(dim=1).sum())} of {len(scores)} queries have "
+                         "non-finite scores (NaN or inf): their ranks would be meaningless")
     num_candidates = scores.shape[1]
     valid = positives != PAD
     positive_scores = scores.gather(1, positives.clamp(min=0)).masked_fill(~valid, float("-inf"))

@@ -1,24 +1,28 @@
 """Evaluating a model on retrieval and zero-shot sets (SPEC 5): ``evaluate`` for the trainer, and
 ``evaluate_from_cli`` for ``clip-dro eval``. Every set is checked before anything is encoded.
 
-Each result is ``{"task": "retrieval" | "zeroshot_classification", "dataset": NAME, "metrics": {...}}`` with
-NAME the set's directory name; metrics as in :mod:`.retrieval` and :mod:`.zeroshot` (percentages).
+Each result is ``{"task": "retrieval" | "zeroshot_classification", "dataset": NAME, "metrics": {...},
+"skipped_images": N, "skipped_examples": [{"image": WHERE, "reason": WHY}, ...]}`` with NAME the set's
+directory name; metrics as in :mod:`.retrieval` and :mod:`.zeroshot` (percentages), computed without the N
+images that could not be decoded (``on_bad_image="skip"``, the default; the first ``SKIPPED_LISTED`` are
+named). With ``on_bad_image="error"`` such an image ends the evaluation with a one-line error naming it.
+Embeddings holding NaN or infinity end it too (:class:`NonFiniteEmbeddingError`): ranked, they would score
+100.
 """
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pandas as pd
 import torch
 from tqdm import tqdm
 
 from clip_dro.checkpoint import TEMPERATURES_FILE
-from clip_dro.data.eval_sets import (RetrievalSetInfo, ZeroShotSet, check_retrieval_set, iter_retrieval_batches,
-                                     load_zeroshot_set)
+from clip_dro.data.eval_sets import (BadImage, EvalSetError, ImageBatch, ImageRef, RetrievalSetInfo, ZeroShotSet,
+                                     check_retrieval_set, image_batches, load_zeroshot_set)
 from clip_dro.errors import UserError
 from clip_dro.evaluation.checkpoint import (MODEL_NAME, load_checkpoint_config, load_checkpoint_model,
                                             resolve_checkpoint)
@@ -28,10 +32,28 @@ from clip_dro.evaluation.zeroshot import classification_metrics, zero_shot_class
 
 RESULTS_NAME = "eval.json"
 ANALYSIS_DIR = "temperature_analysis"
+ON_BAD_IMAGE = ("skip", "error")
+SKIPPED_LISTED = 10  # skipped images a result names; its count covers all
 
 
 class EvalError(UserError):
     """An evaluation request that cannot be carried out; the message names the option."""
+
+
+class NonFiniteEmbeddingError(EvalError):
+    """Embeddings of an evaluation set that hold NaN or infinity; the message names the set, the side and the
+    number of rows."""
+
+
+def check_eval_options(batch_size: int, workers: int, on_bad_image: str) -> None:
+    """Refuse options that cannot work, before anything is read or encoded."""
+    if batch_size < 1:
+        raise EvalError(f"batch size (--batch-size) must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise EvalError(f"workers (--workers) must be at least 0, got {workers}")
+    if on_bad_image not in ON_BAD_IMAGE:
+        raise EvalError(f"on_bad_image (--on-bad-image) must be one of {', '.join(ON_BAD_IMAGE)}, "
+                        f"got {on_bad_image!r}")
 
 
 def prepare_eval_sets(retrieval_dirs: Sequence[str | Path],
@@ -44,38 +66,88 @@ def _progress(iterable: Any, total: int, desc: str) -> Any:
     return tqdm(iterable, total=total, desc=desc, unit="batch", disable=None, leave=False)
 
 
+def _require_finite(features: torch.Tensor, side: str, directory: Path) -> None:
+    """Refuse embeddings (one per row) holding NaN or infinity: the ranking would put them first."""
+    bad = int((~torch.isfinite(features)).any(dim=1).sum())
+    if bad:
+        raise NonFiniteEmbeddingError(f"eval set {directory}: {bad} of {len(features)} {side} embeddings are not "
+                                      "finite (NaN or inf); the model produces non-finite outputs")
+
+
+def _decoded_batches(images: Sequence[ImageRef], preprocess: Callable, batch_size: int, workers: int,
+                     on_bad_image: str, skipped: list[BadImage], directory: Path, desc: str) -> Iterator[ImageBatch]:
+    """The batches of :func:`image_batches` that hold images. An image that cannot be decoded is added to
+    ``skipped`` or, with ``on_bad_image="error"``, ends the evaluation with a one-line error naming it; a set
+    none of whose images decodes is an error either way."""
+    loader = image_batches(images, preprocess, batch_size, workers)
+    for batch in _progress(loader, len(loader), desc):
+        if batch.bad and on_bad_image == "error":
+            bad = batch.bad[0]
+            raise EvalSetError(f"{bad.where}: cannot decode the image ({bad.reason}); on_bad_image='skip' "
+                               "(clip-dro eval --on-bad-image skip) leaves such images out and counts them")
+        skipped.extend(batch.bad)
+        if batch.images is not None:
+            yield batch
+    if len(skipped) == len(images):
+        raise EvalSetError(f"eval set {directory}: none of its {len(images)} images can be decoded, e.g. "
+                           f"{skipped[0].where}: {skipped[0].reason}")
+
+
 def encode_retrieval_set(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, info: RetrievalSetInfo,
-                         batch_size: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalized image features [N, d] (one row per sample), caption features [M, d] and each caption's image
-    row [M]. Call under ``torch.no_grad`` with the model in eval mode."""
-    image_features, text_features, text_to_image = [], [], []
-    batches = iter_retrieval_batches(info.directory, preprocess, batch_size)
-    for images, captions, _, _ in _progress(batches, math.ceil(info.num_samples / batch_size), f"retrieval {info.name}"):
+                         batch_size: int, device: torch.device | str, workers: int = 0,
+                         on_bad_image: str = "skip") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[BadImage]]:
+    """Normalized image features [N, d] (one row per decoded image), caption features [M, d], each caption's
+    image row [M], and the images that could not be decoded. Call under ``torch.no_grad`` with the model in
+    eval mode.
+
+    An image that cannot be decoded leaves the set together with its captions, so that the set is scored as
+    if that sample were not in it: no text->image query asks for an image that is not there, and no caption
+    without its image competes in the image->text rankings."""
+    image_features, text_features, text_to_image, skipped = [], [], [], []
+    for batch in _decoded_batches(info.images, preprocess, batch_size, workers, on_bad_image, skipped,
+                                  info.directory, f"retrieval {info.name}"):
         first_row = sum(len(f) for f in image_features)
-        image_features.append(model.encode_image(images.to(device), normalize=True).float())
+        image_features.append(model.encode_image(batch.images.to(device), normalize=True).float())
+        captions = [info.captions[row] for row in batch.rows]
         flat = [caption for per_image in captions for caption in per_image]
         text_features.append(model.encode_text(tokenizer(flat).to(device), normalize=True).float())
         text_to_image += [first_row + row for row, per_image in enumerate(captions) for _ in per_image]
-    return (torch.cat(image_features), torch.cat(text_features),
-            torch.tensor(text_to_image, dtype=torch.long, device=device))
+    images, texts = torch.cat(image_features), torch.cat(text_features)
+    _require_finite(images, "image", info.directory)
+    _require_finite(texts, "text", info.directory)
+    return images, texts, torch.tensor(text_to_image, dtype=torch.long, device=device), skipped
 
 
 def classify_zeroshot_set(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, zs: ZeroShotSet,
-                          batch_size: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [N, C] (cosine similarity to each class embedding) and labels [N] of a zero-shot set."""
+                          batch_size: int, device: torch.device | str, workers: int = 0,
+                          on_bad_image: str = "skip") -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
+    """Logits [N, C] (cosine similarity to each class embedding) and labels [N] of the decoded images of a
+    zero-shot set, and the images that could not be decoded."""
     classifier = zero_shot_classifier(model, tokenizer, zs.classnames, zs.templates, device)
-    logits, labels = [], []
-    for images, target in _progress(zs.batches(preprocess, batch_size), math.ceil(zs.num_samples / batch_size),
-                                    f"zero-shot {zs.name}"):
-        logits.append(model.encode_image(images.to(device), normalize=True).float() @ classifier)
-        labels.append(target)
-    return torch.cat(logits), torch.cat(labels)
+    _require_finite(classifier.T, "class", zs.directory)
+    features, labels, skipped = [], [], []
+    for batch in _decoded_batches(zs.images, preprocess, batch_size, workers, on_bad_image, skipped, zs.directory,
+                                  f"zero-shot {zs.name}"):
+        features.append(model.encode_image(batch.images.to(device), normalize=True).float())
+        labels += [zs.labels[row] for row in batch.rows]
+    images = torch.cat(features)
+    _require_finite(images, "image", zs.directory)
+    return images @ classifier, torch.tensor(labels, dtype=torch.long), skipped
+
+
+def _result(task: str, name: str, metrics: dict[str, float], skipped: list[BadImage]) -> dict[str, Any]:
+    return {"task": task, "dataset": name, "metrics": metrics, "skipped_images": len(skipped),
+            "skipped_examples": [{"image": bad.where, "reason": bad.reason} for bad in skipped[:SKIPPED_LISTED]]}
 
 
 def evaluate_sets(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable,
                   retrieval_sets: Sequence[RetrievalSetInfo], zeroshot_sets: Sequence[ZeroShotSet],
-                  batch_size: int, device: torch.device | str) -> list[dict[str, Any]]:
-    """Results for already checked sets; the model is in eval mode meanwhile and its mode is restored."""
+                  batch_size: int, device: torch.device | str, *, workers: int = 0,
+                  on_bad_image: str = "skip") -> list[dict[str, Any]]:
+    """Results for already checked sets, images decoded in ``workers`` DataLoader workers (0: in this
+    process) and undecodable ones skipped and counted, or an error (``on_bad_image``: "skip" or "error"). The
+    model is in eval mode meanwhile and its mode is restored."""
+    check_eval_options(batch_size, workers, on_bad_image)
     if not hasattr(model, "encode_image"):  # a DistributedDataParallel wrapper
         model = model.module
     was_training = model.training
@@ -84,13 +156,15 @@ def evaluate_sets(model: torch.nn.Module, tokenizer: Callable, preprocess: Calla
     try:
         with torch.no_grad():
             for info in retrieval_sets:
-                images, texts, text_to_image = encode_retrieval_set(model, tokenizer, preprocess, info, batch_size, device)
-                results.append({"task": "retrieval", "dataset": info.name,
-                                "metrics": retrieval_metrics(images, texts, text_to_image)})
+                images, texts, text_to_image, skipped = encode_retrieval_set(
+                    model, tokenizer, preprocess, info, batch_size, device, workers, on_bad_image)
+                results.append(_result("retrieval", info.name, retrieval_metrics(images, texts, text_to_image),
+                                       skipped))
             for zs in zeroshot_sets:
-                logits, labels = classify_zeroshot_set(model, tokenizer, preprocess, zs, batch_size, device)
-                results.append({"task": "zeroshot_classification", "dataset": zs.name,
-                                "metrics": classification_metrics(logits, labels)})
+                logits, labels, skipped = classify_zeroshot_set(model, tokenizer, preprocess, zs, batch_size, device,
+                                                                workers, on_bad_image)
+                results.append(_result("zeroshot_classification", zs.name, classification_metrics(logits, labels),
+                                       skipped))
     finally:
         model.train(was_training)
     return results
@@ -98,21 +172,32 @@ def evaluate_sets(model: torch.nn.Module, tokenizer: Callable, preprocess: Calla
 
 def evaluate(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable,
              retrieval_dirs: Sequence[str | Path], zeroshot_dirs: Sequence[str | Path], batch_size: int,
-             device: torch.device | str) -> list[dict[str, Any]]:
+             device: torch.device | str, *, workers: int = 0, on_bad_image: str = "skip") -> list[dict[str, Any]]:
     """Retrieval and zero-shot results of ``model`` (open_clip-style ``encode_image``/``encode_text``) on the
-    given set directories, in that order. Checks every set first; leaves the model's train/eval mode as found."""
+    given set directories, in that order. Checks the options and every set first; leaves the model's
+    train/eval mode as found. ``workers`` and ``on_bad_image`` as in :func:`evaluate_sets`."""
+    check_eval_options(batch_size, workers, on_bad_image)
     retrieval_sets, zeroshot_sets = prepare_eval_sets(retrieval_dirs, zeroshot_dirs)
-    return evaluate_sets(model, tokenizer, preprocess, retrieval_sets, zeroshot_sets, batch_size, device)
+    return evaluate_sets(model, tokenizer, preprocess, retrieval_sets, zeroshot_sets, batch_size, device,
+                         workers=workers, on_bad_image=on_bad_image)
 
 
 def results_table(results: Sequence[dict[str, Any]]) -> str:
-    """One table per task: a row per dataset, a column per metric."""
-    frame = pd.DataFrame([{"task": r["task"], "dataset": r["dataset"], **r["metrics"]} for r in results])
+    """One table per task: a row per dataset, a column per metric and one for the skipped images; then a line
+    per skipped image a result names."""
+    frame = pd.DataFrame([{"task": r["task"], "dataset": r["dataset"], **r["metrics"],
+                           "skipped_images": r["skipped_images"]} for r in results])
     tables = []
     for task, rows in frame.groupby("task", sort=False):
         rows = rows.drop(columns="task").dropna(axis=1, how="all")
         tables.append(f"{task}:\n" + rows.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
-    return "\n\n".join(tables)
+    notes = []
+    for r in results:
+        named = r["skipped_examples"]
+        notes += [f"{r['dataset']}: skipped {e['image']}: {e['reason']}" for e in named]
+        if r["skipped_images"] > len(named):
+            notes.append(f"{r['dataset']}: ... and {r['skipped_images'] - len(named)} more skipped images")
+    return "\n\n".join(tables + (["\n".join(notes)] if notes else []))
 
 
 def _run_temperature_analysis(ckpt_dir: Path, train_dir: Optional[str]) -> None:
@@ -139,16 +224,17 @@ def _export(source: Path, export: Path) -> Path:
 
 
 def evaluate_from_cli(checkpoint: str | Path, retrieval: Sequence[str | Path], zeroshot: Sequence[str | Path],
-                      output: Optional[str | Path], batch_size: int, export: Optional[str | Path]) -> dict[str, Any]:
+                      output: Optional[str | Path], batch_size: int, export: Optional[str | Path],
+                      workers: int = 0, on_bad_image: str = "skip") -> dict[str, Any]:
     """``clip-dro eval``: evaluate a run directory's final (or latest) checkpoint or a checkpoint directory on
     the given sets (when none is given: the config's ``eval.retrieval`` and ``eval.zeroshot``), write
     ``{"checkpoint": ..., "results": [...]}`` to ``output`` (default ``<checkpoint>/eval.json``), print a
     table, analyse the temperatures when the checkpoint has ``temperatures.csv``, and copy the open_clip
-    state dict to ``export`` when given. Returns the JSON document."""
+    state dict to ``export`` when given. ``workers`` and ``on_bad_image`` as in :func:`evaluate_sets`.
+    Returns the JSON document."""
+    check_eval_options(batch_size, workers, on_bad_image)
     ckpt_dir = resolve_checkpoint(checkpoint)
     cfg = load_checkpoint_config(ckpt_dir)
-    if batch_size < 1:
-        raise EvalError(f"--batch-size must be at least 1, got {batch_size}")
     retrieval, zeroshot = list(retrieval), list(zeroshot)
     if not retrieval and not zeroshot:
         retrieval, zeroshot = list(cfg.eval.retrieval), list(cfg.eval.zeroshot)
@@ -164,7 +250,8 @@ def evaluate_from_cli(checkpoint: str | Path, retrieval: Sequence[str | Path], z
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = bundle.model.to(device)
         document["results"] = evaluate_sets(model, bundle.tokenizer, bundle.preprocess_eval, retrieval_sets,
-                                            zeroshot_sets, batch_size, device)
+                                            zeroshot_sets, batch_size, device, workers=workers,
+                                            on_bad_image=on_bad_image)
         output = Path(output) if output is not None else ckpt_dir / RESULTS_NAME
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(document, indent=2) + "\n")
