@@ -26,8 +26,9 @@ def trainer_throughput(data: Path, out: Path, loss: str, args: argparse.Namespac
     cfg = load_config(CONFIGS_DIR / "vit_b32_isogclr.yaml", [
         f"model.name={args.model}", f"data.train={data / 'train'}", f"data.batch_size={args.batch}",
         f"data.workers={args.workers}", f"data.lanes={args.lanes}", "loss.rho=5.5",
-        f"train.max_steps={args.steps}", "train.checkpoint_every=0", "train.log_every=10", "train.warmup_steps=10",
-        f"train.output_dir={out / loss}", "eval.retrieval=[]", "eval.zeroshot=[]", f"loss.name={loss}",
+        f"train.max_steps={args.steps}", "train.checkpoint_every=0", f"train.log_every={max(1, min(10, args.steps // 2))}",
+        f"train.warmup_steps={min(10, args.steps // 2)}",
+        f"train.output_dir={out / loss}", "train.resume=null", "eval.retrieval=[]", "eval.zeroshot=[]", f"loss.name={loss}",
         f"train.precision={args.precision}"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -58,9 +59,9 @@ def main() -> None:
     report["step"] = bench_train_step(args.model, batch_size=args.batch, repeats=10, device=device,
                                       precision=args.precision)
     print(json.dumps(report["step"], indent=1))
-    data = Path("/tmp/gpu_check_data")
+    data = args.output / f"data-{args.num_train}"
     prep_synthetic(output=data, num_train=args.num_train, seed=0, workers=args.workers)
-    report["trainer"] = [trainer_throughput(data, Path("/tmp/gpu_check_runs"), loss, args)
+    report["trainer"] = [trainer_throughput(data, args.output / "runs", loss, args)
                          for loss in ("clip", "isogclr")]
     (args.output / "gpu_check.json").write_text(json.dumps(report, indent=2))
     for row in report["trainer"]:

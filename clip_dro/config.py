@@ -78,6 +78,10 @@ class EvalConfig:
     retrieval: list[str] = field(default_factory=list)
     zeroshot: list[str] = field(default_factory=list)
     batch_size: int = 256
+    # DataLoader workers that decode evaluation images (0: in the main process); results do not depend on it.
+    workers: int = 2
+    # An image that cannot be decoded: skip and count it (a finished run keeps its evaluation), or stop.
+    on_bad_image: Literal["skip", "error"] = "skip"
 
 
 @dataclass
@@ -191,6 +195,7 @@ def validate(cfg: Config) -> Config:
     _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0: only at the end)")
     _check(t.grad_clip_norm is None or t.grad_clip_norm > 0, "train.grad_clip_norm", t.grad_clip_norm, "must be > 0")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
+    _check(cfg.eval.workers >= 0, "eval.workers", cfg.eval.workers, "must be >= 0")
     try:
         check_hyperparameters(**{k: v for k, v in vars(cfg.loss).items() if k != "name"})
     except UserError as exc:

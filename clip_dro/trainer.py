@@ -30,6 +30,7 @@ from clip_dro.losses import build_loss
 from clip_dro.manifest import load_manifest
 from clip_dro.models import build_model
 from clip_dro.optim import build_optimizer, warmup_cosine
+from clip_dro.resources import resolve_config_path
 
 log = logging.getLogger("clip_dro.train")
 
@@ -41,7 +42,9 @@ class NonFiniteLoss(UserError):
 
 
 def train_from_cli(config_path: Path, overrides: list[str]) -> Path:
-    return train(load_config(config_path, overrides))
+    """``--config`` is a YAML file or the name of a shipped config (``tiny_cpu``), so installs from a wheel
+    need no checkout."""
+    return train(load_config(resolve_config_path(config_path), overrides))
 
 
 def _accelerator(precision: str, run_dir: Path) -> Accelerator:
@@ -258,12 +261,14 @@ class Trainer:
         acc = self.accelerator
         if acc.is_main_process:
             results = evaluate_sets(acc.unwrap_model(self.model), self.bundle.tokenizer, self.bundle.preprocess_eval,
-                                    retrieval_sets, zeroshot_sets, self.cfg.eval.batch_size, acc.device)
+                                    retrieval_sets, zeroshot_sets, self.cfg.eval.batch_size, acc.device,
+                                    workers=self.cfg.eval.workers, on_bad_image=self.cfg.eval.on_bad_image)
             for result in results:
                 self._log({"step": self.global_step, "eval": result["task"], "dataset": result["dataset"],
-                           **result["metrics"]})
+                           **result["metrics"], "skipped_images": result["skipped_images"]})
+                skipped = f" ({result['skipped_images']} undecodable images skipped)" if result["skipped_images"] else ""
                 acc.print(f"eval {result['dataset']} ({result['task']}) at step {self.global_step}: "
-                          + ", ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items()))
+                          + ", ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items()) + skipped)
         acc.wait_for_everyone()
 
     def run(self) -> Path:

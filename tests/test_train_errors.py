@@ -1,5 +1,6 @@
 """What a user sees when training meets bad input (one line, with loader workers on), and which settings a
 resumed run may change."""
+import json
 import shutil
 
 import pytest
@@ -117,3 +118,20 @@ def test_workers_need_not_divide_lanes():
 
     for processes in (1, 8, 32):
         assert check_layout("d", 100, 64, processes, 6, 64) == 64
+
+
+def test_one_bad_eval_image_does_not_cost_the_run_its_evaluation(data, tmp_path):
+    """An oversized PNG (a decompression bomb to PIL) in the zero-shot folder: skipped and counted in the
+    final evaluation; with eval.on_bad_image=error, a one-line error naming the file."""
+    from evalgen import bomb_png, make_imagefolder
+
+    folder = tmp_path / "zeroshot"
+    make_imagefolder(folder, ["a", "b"], per_class=3, classnames=["apple", "bus"], replace={4: bomb_png()})
+    base = {"data.workers": 1, "eval.workers": 2, "eval.zeroshot": f"[{folder}]", "train.max_steps": 2}
+    run(data, tmp_path / "ok", **base)
+    lines = [json.loads(x) for x in (tmp_path / "ok/metrics.jsonl").read_text().splitlines()]
+    (final_eval,) = [x for x in lines if x.get("eval") == "zeroshot_classification"]
+    assert final_eval["skipped_images"] == 1 and 0 <= final_eval["acc1"] <= 100
+    proc = cli(["train", "--config", str(TINY)] + overrides(data, tmp_path / "strict", **base,
+                                                             **{"eval.on_bad_image": "error"}))
+    assert_one_line_error(proc, str(folder / "b"), "DecompressionBomb")

@@ -1,0 +1,219 @@
+"""Every command the README shows, run as written against miniature stand-ins of the data it names.
+
+The commands are read from README.md itself, so an edit that breaks one breaks a test here. Each is scaled to
+a 2-core CPU by the rules of ``scaled`` (two processes for eight GPUs, two training steps, the tiny model,
+small shards); the README's table "Documented commands under test" lists them with these tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from datagen import caption, image_bytes, write_images, write_wds_input
+from evalgen import make_imagefolder
+from test_shipped_configs import tiny_model_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+BIN = Path(sys.executable).parent
+
+
+def fenced_blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def shell_commands(block: str) -> list[str]:
+    """The commands of a bash block: continuation lines joined, comments dropped."""
+    joined = block.replace("\\\n", " ")
+    lines = [re.sub(r"\s+#\s.*$", "", line).strip() for line in joined.splitlines()]
+    return [re.sub(r"\s+", " ", line) for line in lines if line and not line.startswith("#")]
+
+
+COMMANDS = [c for block in fenced_blocks(README, "bash") for c in shell_commands(block)]
+
+
+def _config_of(command: str) -> Path:
+    match = re.search(r"(configs/\S+\.yaml)", command)
+    assert match, f"no config in {command!r}"
+    return ROOT / match.group(1)
+
+
+def train_overrides(config: Path, workspace: Path) -> list[str]:
+    """The config's /data paths pointed at the stand-ins, its model swapped for the tiny one (each config's
+    own model is built in test_shipped_configs), two steps."""
+    data = yaml.safe_load(config.read_text())
+    out = []
+    for section, values in data.items():
+        for key, value in values.items():
+            if isinstance(value, str) and value.startswith("/data/"):
+                out.append(f"{section}.{key}={workspace}{value}")
+            elif isinstance(value, list) and any(str(v).startswith("/data/") for v in value):
+                out.append(f"{section}.{key}=[{','.join(f'{workspace}{v}' for v in value)}]")
+    return out + tiny_model_overrides(data.get("model", {})) + ["train.max_steps=2"]
+
+
+def scaled(command: str, workspace: Path) -> Optional[str]:
+    """The README command as it runs here; None for those that need what CI has not (a GPU, the network)."""
+    if " && " in command:
+        parts = [scaled(part, workspace) for part in command.split(" && ")]
+        return " && ".join(p for p in parts if p is not None) or None
+    if command.startswith("pip install") or command == "pytest":
+        return None  # .ci/run runs the install and test commands themselves (test_ci_runs_the_readme_install...)
+    if command.startswith("bash bench/gpu_check.sh") and not torch.cuda.is_available():
+        return None  # GPU only; its CPU dry run (python bench/gpu_check.py ...) is run instead
+    command = command.replace(" /data/", f" {workspace}/data/").replace("'/data/", f"'{workspace}/data/")
+    if command.startswith("clip-dro prep synthetic"):
+        return command + " --num-train 480"
+    if command.startswith("clip-dro prep"):
+        return command + " --shard-size 8"
+    if command.startswith("clip-dro quickstart"):
+        return command + " --steps 2 --num-train 480"
+    if command.startswith("clip-dro bench"):
+        return command + " --quick"
+    if command.startswith("python bench/gpu_check.py"):
+        return command.replace("--num-train 1000", "--num-train 300").replace("--steps 20", "--steps 4")
+    if re.search(r"\btrain --config |launch/multinode.sh |sbatch ", command):
+        command = command.replace("--nproc_per_node 8", "--nproc_per_node 2")
+        command = command.replace("--config_file launch/accelerate_8gpu.yaml",
+                                  "--config_file launch/accelerate_8gpu.yaml --num_processes 2")
+        command = command.replace("MASTER_ADDR=node0", "MASTER_ADDR=127.0.0.1 GPUS_PER_NODE=2")
+        command = command.replace("NNODES=4", "NNODES=1")
+        return command + " " + " ".join(train_overrides(_config_of(command), workspace))
+    return command
+
+
+# Stand-ins for SLURM's commands: sbatch runs the script here with one node of two "GPUs"; srun runs its
+# command once; scontrol names this host.
+SLURM_STANDINS = {
+    "sbatch": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+              'SLURM_JOB_NODELIST=localhost SLURM_NNODES=1 SLURM_NODEID=0 SLURM_GPUS_PER_NODE=2 exec bash "$@"\n',
+    "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n',
+    "scontrol": '#!/bin/bash\necho 127.0.0.1\n',
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """What the README's commands name, in miniature: an img2dataset download of CC3M (332 tars, some
+    downloads failed), Karpathy JSONs with their images, a parquet table, Flickr30K and ImageNet-val
+    stand-ins; a working directory with the repository's configs/, launch/ and bench/."""
+    root = tmp_path_factory.mktemp("readme")
+    data = root / "data"
+    (data / "cc3m").mkdir(parents=True)
+    for shard in range(332):
+        samples = []
+        for j in range(2):
+            i = (2 * shard + j) % 200
+            failed = (2 * shard + j) % 97 == 0
+            samples.append({"__key__": f"{shard:05d}{j:04d}", "jpg": None if failed else image_bytes(i),
+                            "txt": caption(i, 0).encode(), "json": json.dumps({"key": f"{shard}-{j}"}).encode()})
+        write_wds_input(data / "cc3m" / f"{shard:05d}.tar", samples)
+    home = root / "home"
+    home.mkdir()
+    names = write_images(data / "coco", range(40))
+    train_records = [{"image": names[i], "caption": caption(i, j)} for i in range(40) for j in range(2)]
+    test_records = [{"image": names[i], "caption": [caption(i, j) for j in range(3)]} for i in range(12)]
+    (home / "coco_karpathy_train.json").write_text(json.dumps(train_records))
+    (home / "coco_karpathy_test.json").write_text(json.dumps(test_records))
+    names = write_images(data / "imgs", range(30))
+    pd.DataFrame({"filepath": [names[i % 30] for i in range(45)],
+                  "title": [caption(i % 30, i // 30) for i in range(45)]}).to_parquet(home / "pairs.parquet")
+    make_imagefolder(data / "imagenet_val", ["n01440764", "n01443537", "n01484850"], per_class=4,
+                     classnames=["tench", "goldfish", "great white shark"])
+    for name in ("configs", "launch", "bench"):
+        (home / name).symlink_to(ROOT / name)
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    for name, text in SLURM_STANDINS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return root
+
+
+def run_command(command: str, workspace: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{workspace / 'bin'}:{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", "-c", f"set -euo pipefail; {command}"], cwd=workspace / "home", env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _check_outputs(command: str, workspace: Path) -> None:
+    """What each kind of command must leave behind."""
+    home = workspace / "home"
+    if command.startswith("clip-dro prep"):
+        output = Path(re.search(r"--output (\S+)", command).group(1))
+        output = output if output.is_absolute() else home / output
+        for manifest in [output / "manifest.json"] if (output / "manifest.json").is_file() else \
+                [output / s / "manifest.json" for s in ("train", "retrieval", "zeroshot")]:
+            m = json.loads(manifest.read_text())
+            assert m["accepted"] + m["rejected"] == m["source"]["rows"] and m["num_samples"] > 0, manifest
+    elif re.search(r"\btrain --config |launch/multinode.sh |sbatch ", command):
+        config = yaml.safe_load(_config_of(command).read_text())
+        run_dir = home / config["train"]["output_dir"]
+        assert (run_dir / "final/model.pt").is_file()
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        evaluated = {line["dataset"] for line in lines if "eval" in line}
+        assert evaluated == {Path(p).name for p in config["eval"]["retrieval"] + config["eval"]["zeroshot"]}
+    elif command.startswith("clip-dro eval"):
+        results = json.loads((home / "results.json").read_text())["results"]
+        assert [r["dataset"] for r in results] == ["coco_karpathy_test", "flickr30k_karpathy_test", "imagenet_val"]
+        assert (home / "model_open_clip.pt").is_file()
+    elif command.startswith("clip-dro quickstart"):
+        assert set(json.loads((home / "quickstart/comparison.json").read_text())) == {"clip", "sogclr", "isogclr"}
+    elif command.startswith("clip-dro bench"):
+        cases = {r["case"] for r in json.loads((home / "bench.json").read_text())["results"]}
+        assert {"loss_step", "train_step", "loader", "prep"} <= cases
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[f"{i:02d}-{c[:40]}" for i, c in enumerate(COMMANDS)])
+def test_readme_command(command, workspace):
+    runnable = scaled(command, workspace)
+    if runnable is None:
+        pytest.skip(f"not runnable here, covered elsewhere: {command}")
+    if "/data/flickr30k_karpathy_test" in runnable and not (workspace / "data/flickr30k_karpathy_test").exists():
+        # The README preps COCO's test split only; Flickr30K's is prepared the same way.
+        shutil.copytree(workspace / "data/coco_karpathy_test", workspace / "data/flickr30k_karpathy_test")
+    if re.search(r"\btrain --config |launch/multinode.sh |sbatch ", runnable):
+        shutil.rmtree(workspace / "home/runs", ignore_errors=True)  # each command starts its own run
+    proc = run_command(runnable, workspace)
+    assert proc.returncode == 0, f"{runnable}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    _check_outputs(runnable, workspace)
+
+
+def test_readme_has_the_documented_commands():
+    """The tour keeps every kind of command (a README edit that drops one is caught here)."""
+    starts = ["clip-dro quickstart", "clip-dro prep wds", "clip-dro prep coco", "clip-dro prep csv",
+              "clip-dro prep synthetic", "clip-dro train --config", "accelerate launch --config_file launch/accelerate_1gpu",
+              "accelerate launch --config_file launch/accelerate_8gpu", "torchrun", "bash launch/multinode.sh",
+              "sbatch", "clip-dro eval", "clip-dro bench", "python bench/gpu_check.py"]
+    for start in starts:
+        assert any(start in c for c in COMMANDS), start
+
+
+def test_ci_runs_the_readme_install_and_test_command():
+    ci = (ROOT / ".ci/run").read_text()
+    test_command = next(c for c in COMMANDS if c.endswith("pytest"))
+    assert test_command in ci
+
+
+def test_library_snippet_runs_as_written():
+    (snippet,) = [b for b in fenced_blocks(README, "python") if "ISogCLRLoss" in b]
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    loss_fn, image_index = scope["loss_fn"], scope["image_index"]
+    assert scope["image_features"].grad is not None and torch.isfinite(scope["loss"])
+    visited = torch.zeros(scope["num_images"], dtype=torch.bool)
+    visited[image_index] = True
+    assert loss_fn.tau_img.shape == (scope["num_images"],)
+    assert torch.all(loss_fn.tau_img[~visited] == 0.01), "only the batch's temperatures may move"
+    assert not torch.all(loss_fn.tau_img[visited] == 0.01), "the batch's temperatures must move"
