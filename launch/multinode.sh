@@ -5,7 +5,7 @@
 # process and stays identical because each step's update is computed from the same gathered scalars.
 set -euo pipefail
 CONFIG=${1:?usage: multinode.sh CONFIG [key=value ...]}; shift
-: "${MASTER_ADDR:?set MASTER_ADDR to the first node's hostname}"
+: "${MASTER_ADDR:?set MASTER_ADDR to the hostname of the first node}"
 : "${NODE_RANK:?set NODE_RANK (0..NNODES-1)}"
 NNODES=${NNODES:-2}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}

@@ -217,3 +217,10 @@ def test_library_snippet_runs_as_written():
     assert loss_fn.tau_img.shape == (scope["num_images"],)
     assert torch.all(loss_fn.tau_img[~visited] == 0.01), "only the batch's temperatures may move"
     assert not torch.all(loss_fn.tau_img[visited] == 0.01), "the batch's temperatures must move"
+
+
+def test_readme_table_lists_every_command():
+    table = README.split("### Documented commands under test", 1)[1].split("\n### ", 1)[0]
+    listed = re.findall(r"^\| `([^`]+)`", table, flags=re.M)
+    for command in COMMANDS:
+        assert any(command.startswith(row) for row in listed), f"README table lacks a row for: {command}"
