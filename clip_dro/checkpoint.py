@@ -96,7 +96,7 @@ class TrainerState:
 # run started from are in the checkpoint.
 RESUMABLE_CHANGES = ("data.train", "data.batch_size", "data.lanes", "data.workers", "train.output_dir",
                      "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                     "train.eval_every", "eval.", "model.pretrained", "model.text_tower")
+                     "train.eval_every", "train.collective_timeout_s", "eval.", "model.pretrained", "model.text_tower")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -52,6 +52,11 @@ class DataConfig:
     # Number of parallel shard streams that make up each global batch. Fixed lanes make the global batch
     # independent of the number of processes and workers; null means processes x max(workers, 1).
     lanes: Optional[int] = None
+    # Samples per lane mixed by the loader's shuffle buffer (0: shard order); each lane holds at most this many
+    # undecoded samples in memory.
+    shuffle_buffer: int = 2000
+    # Colour that transparent images are composited onto: a name, #rrggbb or r,g,b.
+    background: str = "white"
 
 
 @dataclass
@@ -71,6 +76,9 @@ class TrainConfig:
     log_every: int = 10
     on_nonfinite: Literal["stop", "skip"] = "stop"
     eval_every: int = 0
+    # How long a process waits in a collective (all-reduce, barrier) before giving up: a peer that died or
+    # hangs then ends the run with an error instead of a silent wait. Long enough for the slowest evaluation.
+    collective_timeout_s: int = 1800
 
 
 @dataclass
@@ -193,6 +201,7 @@ def validate(cfg: Config) -> Config:
     _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 0 (0: keep all)")
     _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0: only at the end)")
+    _check(t.collective_timeout_s >= 1, "train.collective_timeout_s", t.collective_timeout_s, "must be >= 1")
     _check(t.grad_clip_norm is None or t.grad_clip_norm > 0, "train.grad_clip_norm", t.grad_clip_norm, "must be > 0")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
     _check(cfg.eval.workers >= 0, "eval.workers", cfg.eval.workers, "must be >= 0")

@@ -12,12 +12,13 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import IO, Callable, ContextManager, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from clip_dro.checkpoint import (LOSS_STATE, MODEL_FILE, TEMPERATURES_FILE, CheckpointError, TrainerState,
@@ -31,6 +32,7 @@ from clip_dro.manifest import load_manifest
 from clip_dro.models import build_model
 from clip_dro.optim import build_optimizer, warmup_cosine
 from clip_dro.resources import resolve_config_path
+from clip_dro.run_lock import RunDirBusy, lock_run_dir
 
 log = logging.getLogger("clip_dro.train")
 
@@ -47,7 +49,7 @@ def train_from_cli(config_path: Path, overrides: list[str]) -> Path:
     return train(load_config(resolve_config_path(config_path), overrides))
 
 
-def _accelerator(precision: str, run_dir: Path) -> Accelerator:
+def _accelerator(precision: str, run_dir: Path, collective_timeout_s: int) -> Accelerator:
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
     try:
@@ -58,27 +60,67 @@ def _accelerator(precision: str, run_dir: Path) -> Accelerator:
     # Without CUDA a plain Accelerator() under torchrun leaves ranks unsynchronized (ENVIRONMENT.md).
     return Accelerator(cpu=not torch.cuda.is_available(),
                        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
-                       log_with=log_with, project_dir=str(run_dir))
+                       log_with=log_with, project_dir=str(run_dir),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))])
+
+
+@contextmanager
+def _on_stop_signals(handler: Callable) -> Iterator[None]:
+    """``handler`` for Ctrl-C (SIGINT) and a scheduler's SIGTERM while the block runs."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @contextmanager
 def _stop_on_signal() -> Iterator[list[bool]]:
-    """Turn Ctrl-C (SIGINT) and a scheduler's SIGTERM into a flag checked between steps, so that the step in
-    flight completes and a consistent checkpoint can be written."""
+    """A stop signal becomes a flag checked between steps, so that the step in flight completes and a
+    consistent checkpoint can be written."""
     flag = [False]
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in signals}
 
     def handler(signum, frame):
         flag[0] = True
 
-    for s in signals:
-        signal.signal(s, handler)
-    try:
+    with _on_stop_signals(handler):
         yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+
+
+def _abort_on_signal() -> ContextManager[None]:
+    """During evaluation a stop signal ends it at once (KeyboardInterrupt): evaluation holds no training
+    state, and a scheduler's grace period is better spent writing the checkpoint."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return _on_stop_signals(handler)
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, short: for one-line reports of errors from libraries."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+def _forget_metrics_after(path: Path, step: int) -> None:
+    """Drop the lines a stopped run logged after the checkpoint it resumes from (they will be logged again),
+    and a last line cut short by a kill, so that metrics.jsonl reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 class Trainer:
@@ -88,8 +130,9 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.accelerator = _accelerator(cfg.train.precision, self.run_dir)
+        self.accelerator = _accelerator(cfg.train.precision, self.run_dir, cfg.train.collective_timeout_s)
         acc = self.accelerator
+        self._lock = self._lock_run_dir()
         if cfg.data.train is None:
             raise UserError("data.train: not set; point it at a prep output directory")
         self.manifest = load_manifest(cfg.data.train)
@@ -126,12 +169,34 @@ class Trainer:
         self.scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, self.total_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.saved_step: Optional[int] = None  # the step of the checkpoint last written or resumed from
         if self.resume_from is not None:
             self._load(self.resume_from)
+            self.saved_step = self.global_step
         if acc.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")
         if acc.log_with:
             acc.init_trackers("clip_dro")
+
+    def _lock_run_dir(self) -> Optional[IO]:
+        """The main process holds the run directory's lock; every process learns whether it got it, so that
+        a refused second run stops on all its ranks at once."""
+        acc, handle, message = self.accelerator, None, ""
+        if acc.is_main_process:
+            try:
+                handle = lock_run_dir(self.run_dir)
+            except RunDirBusy as exc:
+                message = str(exc)
+        (message,) = broadcast_object_list([message])
+        if message:
+            raise RunDirBusy(message)
+        return handle
+
+    def _any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on at least one process (a collective: every process must call it)."""
+        total = self.accelerator.reduce(torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device),
+                                        reduction="sum")
+        return bool(total.item() > 0)
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
@@ -168,14 +233,26 @@ class Trainer:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.parent.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp_dir))
+        error: Optional[Exception] = None
+        try:
+            acc.save_state(str(tmp_dir))
+            if acc.is_main_process:
+                # On the CPU: a multi-process CPU run tags its tensors cpu:0, a location torch.load cannot restore.
+                torch.save({k: v.cpu() for k, v in self.loss_fn.state_dict().items()}, tmp_dir / LOSS_STATE)
+                torch.save(self._open_clip_state_dict(), tmp_dir / MODEL_FILE)
+                save_config(self.cfg, tmp_dir / "config.yaml")
+                if self.cfg.loss.name in PER_SAMPLE_TEMPERATURE_LOSSES:
+                    write_temperatures(tmp_dir / TEMPERATURES_FILE, self.loss_fn.tau_img, self.loss_fn.tau_txt)
+                self._state().write(tmp_dir)  # last: its presence marks the checkpoint complete
+        except Exception as exc:  # noqa: BLE001  a full disk or a file-size limit surfaces as OSError,
+            error = exc           # RuntimeError (torch) or SafetensorError: every process must hear of it
+        if self._any_process(error is not None):
+            if acc.is_main_process:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            reason = (_first_line(error) if error is not None else "another process could not write its part")
+            raise CheckpointError(f"cannot write checkpoint {final_dir} ({reason}); the previous checkpoint is "
+                                  "intact: free space and resume with train.resume=latest")
         if acc.is_main_process:
-            torch.save(self.loss_fn.state_dict(), tmp_dir / LOSS_STATE)
-            torch.save(self._open_clip_state_dict(), tmp_dir / MODEL_FILE)
-            save_config(self.cfg, tmp_dir / "config.yaml")
-            if self.cfg.loss.name in PER_SAMPLE_TEMPERATURE_LOSSES:
-                write_temperatures(tmp_dir / TEMPERATURES_FILE, self.loss_fn.tau_img, self.loss_fn.tau_txt)
-            self._state().write(tmp_dir)
             publish(tmp_dir, final_dir)
             prune(self.run_dir, self.cfg.train.keep_checkpoints)
         acc.wait_for_everyone()
@@ -185,15 +262,16 @@ class Trainer:
         state = TrainerState.read(directory)
         try:
             self.accelerator.load_state(str(directory))
-            self.loss_fn.load_state_dict(torch.load(directory / LOSS_STATE, map_location=self.accelerator.device))
+            self.loss_fn.load_state_dict(torch.load(directory / LOSS_STATE, map_location="cpu"))
         except UserError:
             raise
         except Exception as exc:  # truncated or damaged files: torch, safetensors and pickle raise many kinds
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise CheckpointError(f"checkpoint {directory} cannot be loaded ({type(exc).__name__}: "
-                                  f"{first_line}); resume from another checkpoint (train.resume=PATH)") from None
+            raise CheckpointError(f"checkpoint {directory} cannot be loaded ({_first_line(exc)}); resume from "
+                                  "another checkpoint (train.resume=PATH)") from None
         self.scheduler.load_state_dict(state.scheduler)
         self.global_step, self.epoch, self.step_in_epoch = state.global_step, state.epoch, state.step_in_epoch
+        if self.accelerator.is_main_process:
+            _forget_metrics_after(self.run_dir / "metrics.jsonl", self.global_step)
         self.accelerator.print(f"resumed from {directory} at step {self.global_step}")
 
     # -- one step ----------------------------------------------------------------------------------------
@@ -215,7 +293,7 @@ class Trainer:
             return True
         raise NonFiniteLoss(message + "; stopped, the last checkpoint is intact")
 
-    def step(self, batch: TrainBatch, stop_requested: bool) -> tuple[Optional[float], bool]:
+    def step(self, batch: TrainBatch, stop_signal: list[bool]) -> tuple[Optional[float], bool]:
         """One optimizer step; returns (loss or None when skipped, whether every process agreed to stop)."""
         acc = self.accelerator
         images = batch.images.to(acc.device, non_blocking=True)
@@ -223,7 +301,9 @@ class Trainer:
         with acc.autocast():
             image_features, text_features, _ = self.model(images, tokens)
         finite = bool(torch.isfinite(image_features).all() and torch.isfinite(text_features).all())
-        finite, stop = self._flags(finite, stop_requested)
+        # The stop flag is read here, after the forward pass: a signal that arrives during this step stops
+        # the run after it, on every process at once.
+        finite, stop = self._flags(finite, stop_signal[0])
         if not finite:
             self._nonfinite("features", batch)
             return None, stop
@@ -254,73 +334,122 @@ class Trainer:
             self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                                  step=self.global_step)
 
-    def evaluate(self) -> None:
+    def evaluate(self) -> bool:
+        """Evaluate on the main process while the others wait; returns whether a stop signal cut it short
+        (the same answer on every process). An evaluation error stops every process with its message."""
         retrieval_sets, zeroshot_sets = self.eval_sets
         if not (retrieval_sets or zeroshot_sets):
-            return
+            return False
         acc = self.accelerator
+        interrupted, error = False, ""
         if acc.is_main_process:
-            results = evaluate_sets(acc.unwrap_model(self.model), self.bundle.tokenizer, self.bundle.preprocess_eval,
-                                    retrieval_sets, zeroshot_sets, self.cfg.eval.batch_size, acc.device,
-                                    workers=self.cfg.eval.workers, on_bad_image=self.cfg.eval.on_bad_image)
-            for result in results:
-                self._log({"step": self.global_step, "eval": result["task"], "dataset": result["dataset"],
-                           **result["metrics"], "skipped_images": result["skipped_images"]})
-                skipped = f" ({result['skipped_images']} undecodable images skipped)" if result["skipped_images"] else ""
-                acc.print(f"eval {result['dataset']} ({result['task']}) at step {self.global_step}: "
-                          + ", ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items()) + skipped)
-        acc.wait_for_everyone()
+            try:
+                with _abort_on_signal():
+                    results = evaluate_sets(acc.unwrap_model(self.model), self.bundle.tokenizer,
+                                            self.bundle.preprocess_eval, retrieval_sets, zeroshot_sets,
+                                            self.cfg.eval.batch_size, acc.device, workers=self.cfg.eval.workers,
+                                            on_bad_image=self.cfg.eval.on_bad_image)
+                for result in results:
+                    self._log({"step": self.global_step, "eval": result["task"], "dataset": result["dataset"],
+                               **result["metrics"], "skipped_images": result["skipped_images"]})
+                    skipped = (f" ({result['skipped_images']} undecodable images skipped)"
+                               if result["skipped_images"] else "")
+                    acc.print(f"eval {result['dataset']} ({result['task']}) at step {self.global_step}: "
+                              + ", ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items()) + skipped)
+            except KeyboardInterrupt:
+                interrupted = True
+            except UserError as exc:
+                error = str(exc)
+        ((interrupted, error),) = broadcast_object_list([(interrupted, error)])
+        if error:
+            raise UserError(error)
+        return interrupted
+
+    def _log_step(self, loss: float, window_samples: int, elapsed: float, bar: tqdm) -> None:
+        metrics = {"step": self.global_step, "epoch": self.epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                   "samples_per_s": window_samples / max(elapsed, 1e-9), **self.loss_fn.stats()}
+        if torch.cuda.is_available():
+            metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self._log(metrics)
+        bar.set_postfix(loss=f"{loss:.4f}", sps=f"{metrics['samples_per_s']:.0f}", lr=f"{metrics['lr']:.2e}",
+                        tau=f"{metrics.get('tau_img_mean', float('nan')):.3f}/"
+                            f"{metrics.get('tau_txt_mean', float('nan')):.3f}")
+
+    def _train_steps(self, stop_signal: list[bool], bar: tqdm) -> bool:
+        """Steps until the end of training or an agreed stop; returns whether it stopped early. Checkpoints
+        and periodic evaluations happen on their schedule."""
+        cfg = self.cfg
+        window_start, window_samples = time.perf_counter(), 0
+        while self.global_step < self.total_steps:
+            steps = self.loader.steps_in_epoch(self.epoch)
+            if self.step_in_epoch >= steps:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                continue
+            for batch in self.loader.epoch(self.epoch, start_step=self.step_in_epoch):
+                self.loss_fn.set_epoch(self.epoch + self.step_in_epoch / steps)
+                loss, stopped = self.step(batch, stop_signal)
+                self.global_step += 1
+                self.step_in_epoch += 1
+                window_samples += self.global_batch
+                if loss is not None and self.global_step % cfg.train.log_every == 0:
+                    self._log_step(loss, window_samples, time.perf_counter() - window_start, bar)
+                    window_start, window_samples = time.perf_counter(), 0
+                bar.update(1)
+                if cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0:
+                    self.saved_step = self.global_step
+                    self.save(f"checkpoints/step-{self.global_step}")
+                if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0 and self.evaluate():
+                    stopped = True
+                if stopped:
+                    return True
+                if self.global_step >= self.total_steps or self.step_in_epoch >= steps:
+                    break
+        return False
 
     def run(self) -> Path:
-        cfg, acc = self.cfg, self.accelerator
+        """Train to the end and evaluate; on SIGINT/SIGTERM write a checkpoint and raise KeyboardInterrupt."""
+        acc = self.accelerator
         bar = tqdm(total=self.total_steps, initial=self.global_step, disable=not acc.is_local_main_process,
-                   desc=f"train {cfg.loss.name}", dynamic_ncols=True)
-        window_start, window_samples = time.perf_counter(), 0
-        stopped = False
+                   desc=f"train {self.cfg.loss.name}", dynamic_ncols=True)
         # The bar closes (ending its line) whatever happens, so an error message starts on a line of its own.
-        with _stop_on_signal() as stop_signal, bar:
-            while self.global_step < self.total_steps and not stopped:
-                steps = self.loader.steps_in_epoch(self.epoch)
-                if self.step_in_epoch >= steps:
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                    continue
-                for batch in self.loader.epoch(self.epoch, start_step=self.step_in_epoch):
-                    self.loss_fn.set_epoch(self.epoch + self.step_in_epoch / steps)
-                    loss, stopped = self.step(batch, stop_signal[0])
-                    self.global_step += 1
-                    self.step_in_epoch += 1
-                    window_samples += self.global_batch
-                    if loss is not None and self.global_step % cfg.train.log_every == 0:
-                        elapsed = time.perf_counter() - window_start
-                        metrics = {"step": self.global_step, "epoch": self.epoch, "loss": loss,
-                                   "lr": self.scheduler.get_last_lr()[0],
-                                   "samples_per_s": window_samples / max(elapsed, 1e-9), **self.loss_fn.stats()}
-                        if torch.cuda.is_available():
-                            metrics["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                        self._log(metrics)
-                        bar.set_postfix(loss=f"{loss:.4f}", sps=f"{metrics['samples_per_s']:.0f}",
-                                        lr=f"{metrics['lr']:.2e}",
-                                        tau=f"{metrics.get('tau_img_mean', float('nan')):.3f}/"
-                                            f"{metrics.get('tau_txt_mean', float('nan')):.3f}")
-                        window_start, window_samples = time.perf_counter(), 0
-                    bar.update(1)
-                    if cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0:
-                        self.save(f"checkpoints/step-{self.global_step}")
-                    if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0:
-                        self.evaluate()
-                    if stopped or self.global_step >= self.total_steps or self.step_in_epoch >= steps:
-                        break
-        if stopped:
-            path = self.save(f"checkpoints/step-{self.global_step}")
-            acc.print(f"interrupted at step {self.global_step}; resume with train.resume=latest ({path})")
-            acc.end_training()
-            raise KeyboardInterrupt
-        final = self.save("final")
-        self.evaluate()
+        with _stop_on_signal() as stop_signal:
+            with bar:
+                stopped = self._train_steps(stop_signal, bar)
+            if stopped:
+                path = self.run_dir / f"checkpoints/step-{self.global_step}"
+                if self.saved_step != self.global_step:
+                    self.save(f"checkpoints/step-{self.global_step}")
+                acc.print(f"interrupted at step {self.global_step}; resume with train.resume=latest ({path})")
+                acc.end_training()
+                raise KeyboardInterrupt
+            final = self.run_dir / "final"
+            if self.saved_step != self.global_step or self.resume_from != final:
+                self.save("final")
+            interrupted = self.evaluate()
         acc.end_training()
+        if interrupted:
+            acc.print(f"evaluation interrupted; the run is complete in {final}: evaluate it with clip-dro eval")
+            raise KeyboardInterrupt
         return final
 
 
 def train(cfg: Config) -> Path:
     """Train as configured; returns the ``final`` checkpoint directory."""
-    return Trainer(cfg).run()
+    try:
+        return Trainer(cfg).run()
+    except RuntimeError as exc:
+        if not _is_collective_failure(exc):
+            raise
+        # A peer that died or hung (past train.collective_timeout_s): say so in one line, not a C++ trace.
+        raise UserError(f"a collective failed: another process died or stopped answering ({_first_line(exc)})"
+                        ) from None
+
+
+# Newer torch raises DistError subclasses; gloo and NCCL transport errors still arrive as plain RuntimeErrors
+# that name their library, which is the only way to tell them apart.
+_TRANSPORTS = ("gloo", "NCCL", "ProcessGroup")
+
+
+def _is_collective_failure(exc: RuntimeError) -> bool:
+    return isinstance(exc, torch.distributed.DistError) or (
+        torch.distributed.is_initialized() and any(name in str(exc) for name in _TRANSPORTS))
