@@ -23,10 +23,18 @@ def _add_prep_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--image-size", type=int, default=None, help="resize so the shorter side is PX (default: keep)")
     p.add_argument("--workers", type=int, default=None, help="parallel image workers (default: CPU count)")
+    p.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the samples in a seeded random order, so that input sorted by source or class does "
+                        "not give clustered batches (default: on)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle (default 0; recorded in the manifest)")
+    p.add_argument("--background", default="white",
+                   help="colour that transparent images are composited onto: a name, #rrggbb or r,g,b "
+                        "(default white)")
 
 
 def _prep_args(args: argparse.Namespace) -> dict:
-    return dict(output=args.output, shard_size=args.shard_size, image_size=args.image_size, workers=args.workers)
+    return dict(output=args.output, shard_size=args.shard_size, image_size=args.image_size, workers=args.workers,
+                shuffle=args.shuffle, seed=args.seed, background=args.background)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        image_root=a.image_root, **_prep_args(a)))
 
     p = prep_sub.add_parser("wds", help="re-shard webdataset shards (e.g. an img2dataset CC3M download)")
-    p.add_argument("--input", required=True, help="shard files or brace pattern, e.g. 'cc3m/{00000..00331}.tar'")
+    p.add_argument("--input", required=True,
+                   help="shard files or URLs, brace patterns expanded: 'cc3m/{00000..00331}.tar', "
+                        "'https://host/cc3m/{00000..00331}.tar', 'pipe:aws s3 cp s3://b/{00000..00331}.tar -'")
     _add_prep_common(p)
     p.set_defaults(run=lambda a: _call("data_prep.reshard", "prep_wds", input=a.input, **_prep_args(a)))
 
@@ -74,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="retrieval and zero-shot classification of a checkpoint")
     p.add_argument("--checkpoint", required=True, type=Path, help="a run directory or a checkpoint directory")
-    p.add_argument("--retrieval", nargs="*", type=Path, default=[], help="prep retrieval set directories")
-    p.add_argument("--zeroshot", nargs="*", type=Path, default=[], help="zero-shot set directories")
+    p.add_argument("--retrieval", nargs="*", default=[], help="prep retrieval set directories or their URLs")
+    p.add_argument("--zeroshot", nargs="*", default=[], help="zero-shot set directories or their URLs")
     p.add_argument("--output", type=Path, default=None, help="results JSON (default: beside the checkpoint)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--export", type=Path, default=None, help="also write an open_clip state dict here")

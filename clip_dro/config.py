@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from clip_dro.data.shard_reader import parse_background
 from clip_dro.errors import UserError
 from clip_dro.losses.base import check_hyperparameters
 
@@ -57,6 +58,10 @@ class DataConfig:
     shuffle_buffer: int = 2000
     # Colour that transparent images are composited onto: a name, #rrggbb or r,g,b.
     background: str = "white"
+    # A training sample that cannot be read or decoded (damaged shard, undecodable image, index outside the
+    # state): stop with a one-line error naming it, or skip the step whose batch holds it (the same steps on
+    # every run, so resume stays exact), counted in metrics.jsonl.
+    on_bad_sample: Literal["stop", "skip"] = "stop"
 
 
 @dataclass
@@ -192,6 +197,11 @@ def validate(cfg: Config) -> Config:
     _check(d.batch_size >= 2, "data.batch_size", d.batch_size, "must be at least 2 (contrastive losses need negatives)")
     _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     _check(d.lanes is None or d.lanes >= 1, "data.lanes", d.lanes, "must be >= 1")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "must be >= 0 (0: no mixing)")
+    try:
+        parse_background(d.background)
+    except ValueError as exc:
+        raise ConfigError(f"data.background: {exc}") from None
     _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1")
     _check(t.lr > 0, "train.lr", t.lr, "must be > 0")

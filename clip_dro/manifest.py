@@ -1,27 +1,189 @@
-"""The manifest of a prep output directory (SPEC 3.2): what the shards hold and where they came from.
+"""The manifest of a prep output directory (SPEC 3.2): what the shards hold and where they came from; and
+*locations*, the places a prep directory or a shard can be read from.
 
 Shared by the writers in ``data_prep`` and the readers in ``clip_dro.data``; it knows nothing of either.
+
+A location is a local path or a URL, as webdataset and open_clip take them:
+
+* ``http://`` / ``https://``: read with the standard library (streamed, never stored);
+* ``pipe:CMD``: the standard output of the shell command CMD (``pipe:aws s3 cp s3://b/x.tar -``); a command
+  that exits non-zero is an error naming it. A prep *directory* given as ``pipe:`` names each file with the
+  placeholder ``{name}`` (``pipe:aws s3 cp s3://b/train/{name} -``), replaced by ``manifest.json``,
+  ``shard-000000.tar``, ...;
+* any other ``scheme://`` (``s3://``, ``gs://``, ``file://``, ``memory://``...): through fsspec, an optional
+  dependency (``pip install 'clip-dro[remote]'``, which brings fsspec, s3fs and gcsfs).
 """
 from __future__ import annotations
 
-from clip_dro.errors import UserError
-
 import hashlib
+import http.client
+import io
 import json
 import os
+import re
+import subprocess
+import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional, Union
+
+from clip_dro.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.jsonl"
 # The image members a sample may carry (SPEC 3.1), in the order readers look for them.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Seconds an HTTP connection may stay silent before the read fails.
+HTTP_TIMEOUT_S = 60
+
+Location = Union[str, Path]
 
 
 class ManifestError(UserError):
     """A prep directory whose manifest is missing, malformed, or does not fit what reads it."""
+
+
+class LocationError(UserError):
+    """A location (file or URL) that cannot be opened or read to its end; the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------- locations
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+NAME_PLACEHOLDER = "{name}"
+
+
+def is_url(location: Location) -> bool:
+    """True for ``pipe:`` commands and ``scheme://`` URLs, False for local paths."""
+    if isinstance(location, Path):
+        return False
+    return location.startswith("pipe:") or bool(_SCHEME.match(location))
+
+
+def as_location(location: Location) -> Location:
+    """A URL as the string it is, a local path as a Path (never ``Path(url)``, which folds ``//``)."""
+    return location if is_url(location) else Path(location)
+
+
+def join_location(base: Location, name: str) -> Location:
+    """The file ``name`` of the prep directory at ``base``."""
+    if not is_url(base):
+        return Path(base) / name
+    base = str(base)
+    if base.startswith("pipe:"):
+        if NAME_PLACEHOLDER not in base:
+            raise LocationError(f"{base}: a prep directory given as a pipe: command must name its files with "
+                                f"{NAME_PLACEHOLDER}, e.g. 'pipe:aws s3 cp s3://bucket/train/{NAME_PLACEHOLDER} -'")
+        return base.replace(NAME_PLACEHOLDER, name)
+    return base.rstrip("/") + "/" + name
+
+
+def location_name(location: Location) -> str:
+    """A short name for a location (the directory name of a path or URL), e.g. a dataset name in results."""
+    text = str(location)
+    if text.startswith("pipe:"):  # the directory before {name}, else the file name of the last path-like word
+        found = re.search(r"([^/\s]+)/" + re.escape(NAME_PLACEHOLDER), text)
+        paths = [word for word in text[len("pipe:"):].split() if "/" in word]
+        return found.group(1) if found else paths[-1].rstrip("/").rsplit("/", 1)[-1] if paths else "pipe"
+    if is_url(text):
+        text = text.split("?", 1)[0].split("#", 1)[0]
+        return text.rstrip("/").rsplit("/", 1)[-1]
+    return Path(text).name
+
+
+class _PipeReader(io.RawIOBase):
+    """The standard output of a shell command, as a readable binary file. Reaching its end waits for the
+    command and raises LocationError when it failed; closing it before the end stops the command."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self._stderr = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(location[len("pipe:"):], shell=True, stdout=subprocess.PIPE,
+                                      stderr=self._stderr, stdin=subprocess.DEVNULL)
+        self._stdout = self._proc.stdout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self._stdout.readinto(buffer)
+        if count == 0:
+            self._finish()
+        return count
+
+    def _finish(self) -> None:
+        status = self._proc.wait()
+        if status != 0:
+            self._stderr.seek(0)
+            said = " ".join(self._stderr.read().decode("utf-8", errors="replace").split())
+            raise LocationError(f"cannot read {self.location}: the command exited with status {status}"
+                                + (f" ({said[-300:]})" if said else ""))
+
+    def close(self) -> None:
+        if not self.closed:
+            if self._proc.poll() is None:  # stopped early: the rest is not wanted
+                self._proc.kill()
+            self._stdout.close()
+            self._proc.wait()
+            self._stderr.close()
+        super().close()
+
+
+def _fsspec_open(url: str) -> IO[bytes]:
+    try:
+        import fsspec
+    except ImportError:
+        raise LocationError(f"cannot read {url}: URLs other than http(s):// and pipe: need fsspec "
+                            "(pip install 'clip-dro[remote]')") from None
+    try:
+        return fsspec.open(url, "rb").open()
+    except ImportError as exc:  # e.g. s3fs or gcsfs missing
+        raise LocationError(f"cannot read {url}: {exc} (pip install 'clip-dro[remote]')") from None
+    except (OSError, ValueError) as exc:
+        raise LocationError(f"cannot read {url} ({type(exc).__name__}: {exc})") from None
+
+
+def open_location(location: Location) -> IO[bytes]:
+    """A readable binary stream of the file at ``location`` (see the module docstring); LocationError when it
+    cannot be opened. Streams read sequentially; only local files can seek."""
+    if not is_url(location):
+        try:
+            return open(location, "rb")
+        except OSError as exc:
+            raise LocationError(f"cannot read {location} ({exc.strerror or exc})") from None
+    url = str(location)
+    if url.startswith("pipe:"):
+        return io.BufferedReader(_PipeReader(url), buffer_size=1 << 16)
+    if url.startswith(("http://", "https://")):
+        try:
+            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+        except urllib.error.HTTPError as exc:
+            raise LocationError(f"cannot read {url} (HTTP {exc.code} {exc.reason})") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise LocationError(f"cannot read {url} ({getattr(exc, 'reason', exc)})") from None
+    return _fsspec_open(url)
+
+
+def read_location(location: Location) -> bytes:
+    """The whole file at ``location``."""
+    with open_location(location) as stream:
+        try:
+            return stream.read()
+        except LocationError:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            raise LocationError(f"cannot read {location} ({type(exc).__name__}: {exc})") from None
+
+
+def location_exists(location: Location) -> bool:
+    """Whether a local path exists; URLs are taken to exist (they are checked when read)."""
+    return is_url(location) or Path(location).exists()
+
+
+# ---------------------------------------------------------------------------------------------- manifest
 
 
 @dataclass
@@ -64,6 +226,10 @@ class Manifest:
     def shard_paths(self, directory: str | Path) -> list[Path]:
         return [Path(directory) / s.name for s in self.shards]
 
+    def shard_locations(self, directory: Location) -> list[Location]:
+        """Where each shard is, for a local or remote prep directory."""
+        return [join_location(directory, s.name) for s in self.shards]
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """A reader sees the old file or the new one, never half of one."""
@@ -72,7 +238,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _require(data: dict, key: str, kind: type, path: Path) -> Any:
+def _require(data: dict, key: str, kind: type, path: Location) -> Any:
     if key not in data:
         raise ManifestError(f"{path}: missing key {key!r}")
     if not isinstance(data[key], kind) or isinstance(data[key], bool):
@@ -80,15 +246,29 @@ def _require(data: dict, key: str, kind: type, path: Path) -> Any:
     return data[key]
 
 
-def load_manifest(directory: str | Path, expected_kind: Optional[str] = None) -> Manifest:
-    """Read and check ``DIR/manifest.json``; errors name the file and the key."""
-    directory = Path(directory)
-    path = directory / MANIFEST_NAME
-    if not path.is_file():
-        raise ManifestError(f"{directory} is not a prep output directory: {path} does not exist "
-                            "(create it with `clip-dro prep ...`)")
+def _read_manifest_text(directory: Location) -> tuple[Location, str]:
+    path = join_location(directory, MANIFEST_NAME)
+    if not is_url(directory):
+        if not Path(path).is_file():
+            raise ManifestError(f"{directory} is not a prep output directory: {path} does not exist "
+                                "(create it with `clip-dro prep ...`)")
+        return path, Path(path).read_text()
     try:
-        data = json.loads(path.read_text())
+        return path, read_location(path).decode("utf-8")
+    except LocationError as exc:
+        raise ManifestError(f"{directory} is not a prep output directory: {exc}") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{path}: not UTF-8 text") from None
+
+
+def load_manifest(directory: Location, expected_kind: Optional[str] = None) -> Manifest:
+    """Read and check the manifest of the prep directory ``directory`` (a path or a URL, see the module
+    docstring); errors name the file and the key. For a local directory the shard files must exist; remote
+    shards are checked when read."""
+    directory = as_location(directory)
+    path, text = _read_manifest_text(directory)
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
@@ -121,7 +301,8 @@ def load_manifest(directory: str | Path, expected_kind: Optional[str] = None) ->
         raise ManifestError(f"{path}: shards hold {expected_first} samples but num_samples is {manifest.num_samples}")
     if expected_kind is not None and manifest.kind != expected_kind:
         raise ManifestError(f"{directory} is a {manifest.kind!r} set, expected a {expected_kind!r} set")
-    missing = [p for p in manifest.shard_paths(directory) if not p.is_file()]
-    if missing:
-        raise ManifestError(f"{path}: shard file {missing[0]} is missing")
+    if not is_url(directory):
+        missing = [p for p in manifest.shard_paths(directory) if not p.is_file()]
+        if missing:
+            raise ManifestError(f"{path}: shard file {missing[0]} is missing")
     return manifest

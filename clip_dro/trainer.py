@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Callable, ContextManager, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import torch
 from accelerate import Accelerator
@@ -126,13 +126,10 @@ def _forget_metrics_after(path: Path, step: int) -> None:
 class Trainer:
     """Builds everything a run needs from a validated config, then runs the loop."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, accelerator: Accelerator):
         self.cfg = cfg
         self.run_dir = Path(cfg.train.output_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.accelerator = _accelerator(cfg.train.precision, self.run_dir, cfg.train.collective_timeout_s)
-        acc = self.accelerator
-        self._lock = self._lock_run_dir()
+        self.accelerator = acc = accelerator
         if cfg.data.train is None:
             raise UserError("data.train: not set; point it at a prep output directory")
         self.manifest = load_manifest(cfg.data.train)
@@ -156,7 +153,9 @@ class Trainer:
 
         self.loader = TrainLoader(cfg.data.train, self.bundle.preprocess_train, self.bundle.tokenizer,
                                   cfg.data.batch_size, seed=cfg.train.seed, rank=acc.process_index,
-                                  world_size=acc.num_processes, workers=cfg.data.workers, lanes=self.lanes)
+                                  world_size=acc.num_processes, workers=cfg.data.workers, lanes=self.lanes,
+                                  shuffle_buffer=cfg.data.shuffle_buffer, background=cfg.data.background,
+                                  on_bad_sample=cfg.data.on_bad_sample)
         loss_kwargs = {k: v for k, v in vars(cfg.loss).items() if k != "name"}
         self.loss_fn = build_loss(cfg.loss.name, self.manifest.num_images, self.manifest.num_texts,
                                   **loss_kwargs).to(acc.device)
@@ -177,20 +176,6 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         if acc.log_with:
             acc.init_trackers("clip_dro")
-
-    def _lock_run_dir(self) -> Optional[IO]:
-        """The main process holds the run directory's lock; every process learns whether it got it, so that
-        a refused second run stops on all its ranks at once."""
-        acc, handle, message = self.accelerator, None, ""
-        if acc.is_main_process:
-            try:
-                handle = lock_run_dir(self.run_dir)
-            except RunDirBusy as exc:
-                message = str(exc)
-        (message,) = broadcast_object_list([message])
-        if message:
-            raise RunDirBusy(message)
-        return handle
 
     def _any_process(self, flag: bool) -> bool:
         """Whether ``flag`` holds on at least one process (a collective: every process must call it)."""
@@ -284,6 +269,19 @@ class Trainer:
         flags = self.accelerator.reduce(flags, reduction="sum")
         return bool(flags[0] == 0), bool(flags[1] > 0)
 
+    def _skip_bad_samples(self, batch: TrainBatch, stop_requested: bool) -> tuple[bool, bool]:
+        """Agree, before the forward pass, whether any process's batch holds bad samples; such a step is
+        skipped everywhere and counted. Returns (skipped, stop)."""
+        acc = self.accelerator
+        flags = acc.reduce(torch.tensor([float(len(batch.bad)), 1.0 if stop_requested else 0.0],
+                                        device=acc.device), reduction="sum")
+        bad, stop = int(flags[0].item()), bool(flags[1] > 0)
+        if bad:
+            self._log({"step": self.global_step + 1, "skipped_samples": bad, "skipped_examples": list(batch.bad[:5])})
+            acc.print(f"warning: step {self.global_step + 1} skipped: {bad} bad samples"
+                      + (f" (first: {batch.bad[0]})" if batch.bad else ""))
+        return bad > 0, stop
+
     def _nonfinite(self, what: str, batch: TrainBatch) -> bool:
         """Report a NaN/inf; returns True when the run should skip the batch, raises when it should stop."""
         indices = batch.image_index.tolist()
@@ -296,6 +294,10 @@ class Trainer:
     def step(self, batch: TrainBatch, stop_signal: list[bool]) -> tuple[Optional[float], bool]:
         """One optimizer step; returns (loss or None when skipped, whether every process agreed to stop)."""
         acc = self.accelerator
+        if self.cfg.data.on_bad_sample == "skip":
+            skipped, stop = self._skip_bad_samples(batch, stop_signal[0])
+            if skipped:
+                return None, stop
         images = batch.images.to(acc.device, non_blocking=True)
         tokens = batch.tokens.to(acc.device, non_blocking=True)
         with acc.autocast():
@@ -433,10 +435,34 @@ class Trainer:
         return final
 
 
+@contextmanager
+def _run_dir_locked(run_dir: Path, acc: Accelerator) -> Iterator[None]:
+    """The main process holds the run directory's lock for the block; every process learns whether it got
+    it, so that a refused second run stops on all its ranks at once."""
+    handle, message = None, ""
+    if acc.is_main_process:
+        try:
+            handle = lock_run_dir(run_dir)
+        except RunDirBusy as exc:
+            message = str(exc)
+    (message,) = broadcast_object_list([message])
+    if message:
+        raise RunDirBusy(message)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
 def train(cfg: Config) -> Path:
     """Train as configured; returns the ``final`` checkpoint directory."""
+    run_dir = Path(cfg.train.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return Trainer(cfg).run()
+        accelerator = _accelerator(cfg.train.precision, run_dir, cfg.train.collective_timeout_s)
+        with _run_dir_locked(run_dir, accelerator):
+            return Trainer(cfg, accelerator).run()
     except RuntimeError as exc:
         if not _is_collective_failure(exc):
             raise

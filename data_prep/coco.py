@@ -3,8 +3,9 @@
 The file is a list of records ``{"image": path, "caption": str | [str, ...], ...}``. Train files hold one
 record per caption (a string); val/test files one record per image (a list). Either way a row is one caption
 (numbered from 0 across the file in rejected.jsonl, with its record number), records of the same image are
-grouped into one sample in first-appearance order, and ``image`` (and ``image_id`` when present) are kept as
-source fields. A val/test output carries all captions per image, so it also serves as a retrieval set.
+grouped into one sample, and ``image`` (and ``image_id`` when present) are kept as source fields. Samples come
+in a seeded random order of the images (``--seed``; ``--no-shuffle``: first-appearance order). A val/test
+output carries all captions per image, so it also serves as a retrieval set.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from clip_dro.manifest import Manifest
-from data_prep.writer import Item, PrepError, check_options, file_sha256, image_items, write_dataset
+from data_prep.writer import Item, PrepError, check_options, file_sha256, image_items, shuffled, write_dataset
 
 
 def read_annotations(path: Path) -> list[dict[str, Any]]:
@@ -42,8 +43,10 @@ def record_captions(record: dict[str, Any]) -> list[str]:
     return captions or [""]
 
 
-def group_records(records: list[dict[str, Any]], image_root: Path) -> Iterator[Item]:
-    """Records -> one Candidate per image and a Rejection per unusable caption row."""
+def group_records(records: list[dict[str, Any]], image_root: Path, shuffle: bool = False, seed: int = 0
+                  ) -> Iterator[Item]:
+    """Records -> one Candidate per image (first-appearance order, or a (seed) permutation of it) and a
+    Rejection per unusable caption row."""
     groups: dict[str, list[dict[str, Any]]] = {}
     row = 0
     for number, record in enumerate(records):
@@ -52,7 +55,7 @@ def group_records(records: list[dict[str, Any]], image_root: Path) -> Iterator[I
             groups.setdefault(image, []).append({"row": row, "record": number, "image": image, "caption": caption,
                                                  "image_id": record.get("image_id")})
             row += 1
-    for image, rows in groups.items():
+    for image, rows in shuffled(list(groups.items()), shuffle, seed):
         fields: dict[str, Any] = {"image": image}
         if rows[0]["image_id"] is not None:
             fields["image_id"] = rows[0]["image_id"]
@@ -61,18 +64,20 @@ def group_records(records: list[dict[str, Any]], image_root: Path) -> Iterator[I
 
 
 def prep_coco(annotations: Path, image_root: Path, output: Path, shard_size: int = 1000,
-              image_size: Optional[int] = None, workers: Optional[int] = None) -> Manifest:
+              image_size: Optional[int] = None, workers: Optional[int] = None, shuffle: bool = True, seed: int = 0,
+              background: Any = "white") -> Manifest:
     """Prep the Karpathy-style file ``annotations`` into ``output`` (SPEC 2, ``prep coco``)."""
     annotations, output = Path(annotations), Path(output)
-    check_options(shard_size, image_size)
+    rgb = check_options(shard_size, image_size, seed, background)
     if not Path(image_root).is_dir():
         raise PrepError(f"--image-root {image_root}: not a directory")
     records = read_annotations(annotations)
     root = Path(image_root).resolve()
     source = {"kind": "coco", "path": str(annotations.resolve()), "sha256": file_sha256(annotations),
-              "image_root": str(root), "shard_size": shard_size, "image_size": image_size}
+              "image_root": str(root), "shard_size": shard_size, "image_size": image_size, "shuffle": shuffle,
+              "seed": seed, "background": list(rgb)}
     rows = sum(len(record_captions(r)) for r in records)
     images = len({str(r["image"]).strip() for r in records})
-    return write_dataset(output, source, group_records(records, root), shard_size=shard_size,
+    return write_dataset(output, source, group_records(records, root, shuffle, seed), shard_size=shard_size,
                          image_size=image_size, workers=workers, total=images, rows_read=rows,
-                         desc=f"prep {annotations.name}")
+                         desc=f"prep {annotations.name}", background=rgb)

@@ -1,8 +1,13 @@
-"""Image work of the prep writers: decode, check, optionally shrink, encode. Runs in worker processes.
+"""Image work of the prep writers: decode, check, composite transparency, optionally shrink, encode. Runs in
+worker processes.
 
-Every loader here is a module-level function ``load(arg, image_size) -> EncodedImage`` (so that a process
-pool can pickle it by reference) and raises ``BadImage(reason)`` for an image that cannot be used; the writer
-turns that into a rejected row.
+Every loader here is a module-level function ``load(arg, options) -> EncodedImage`` (so that a process pool
+can pickle it by reference; ``options`` is an ``ImageOptions``) and raises ``BadImage(reason)`` for an image
+that cannot be used; the writer turns that into a rejected row.
+
+Images with an alpha channel or palette transparency are composited onto ``options.background`` (white by
+default; ``shard_reader.to_rgb``, the function the loaders use too) and re-encoded: PNG stays PNG (lossless),
+anything else becomes JPEG. Other images in a kept format keep their bytes unless shrunk.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from typing import Optional
 
 from PIL import Image
 
+from clip_dro.data.shard_reader import WHITE, has_transparency, to_rgb
+
 # Formats a sample may carry unchanged (SPEC 3.1); anything else is re-encoded as JPEG.
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 JPEG_QUALITY = 90
@@ -21,6 +28,15 @@ RESAMPLE = Image.Resampling.BICUBIC
 
 class BadImage(Exception):
     """An image that cannot become a sample; ``str(exc)`` is the reason written to rejected.jsonl."""
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """What the writer asks of every image: shrink the shorter side to ``image_size`` (None: keep) and
+    composite transparency onto ``background``."""
+
+    image_size: Optional[int] = None
+    background: tuple[int, int, int] = WHITE
 
 
 @dataclass(frozen=True)
@@ -48,30 +64,42 @@ def encode_jpeg(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
-def encode_bytes(data: bytes, image_size: Optional[int]) -> EncodedImage:
-    """Decode ``data`` fully (a truncated file fails here, not in training), shrink if asked, encode.
+def encode_png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
-    Unchanged images in a kept format keep their original bytes; JPEGs being shrunk are decoded at a reduced
-    DCT scale first (PIL's draft mode), which is most of the speed of shrinking.
+
+def encode_bytes(data: bytes, options: ImageOptions = ImageOptions()) -> EncodedImage:
+    """Decode ``data`` fully (a truncated file fails here, not in training), composite transparency, shrink if
+    asked, encode.
+
+    Unchanged opaque images in a kept format keep their original bytes; JPEGs being shrunk are decoded at a
+    reduced DCT scale first (PIL's draft mode), which is most of the speed of shrinking.
     """
     try:
         image = Image.open(io.BytesIO(data))
         image_format = image.format
-        target = shorter_side_size(image.width, image.height, image_size)
+        target = shorter_side_size(image.width, image.height, options.image_size)
         if target is not None and image_format == "JPEG":
             image.draft("RGB", target)
         image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadImage(f"undecodable image ({exc})") from None
+        transparent = has_transparency(image)
+        if target is not None or transparent or image_format not in KEPT_FORMATS:
+            rgb = to_rgb(image, options.background)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise BadImage(f"undecodable image ({' '.join(str(exc).split())})") from None
     if target is not None:
-        image = image.convert("RGB").resize(target, RESAMPLE)
-        return EncodedImage(encode_jpeg(image), "jpg", image.width, image.height)
-    if image_format in KEPT_FORMATS:
-        return EncodedImage(data, KEPT_FORMATS[image_format], image.width, image.height)
-    return EncodedImage(encode_jpeg(image), "jpg", image.width, image.height)
+        rgb = rgb.resize(target, RESAMPLE)
+        return EncodedImage(encode_jpeg(rgb), "jpg", rgb.width, rgb.height)
+    if transparent and image_format == "PNG":
+        return EncodedImage(encode_png(rgb), "png", rgb.width, rgb.height)
+    if transparent or image_format not in KEPT_FORMATS:
+        return EncodedImage(encode_jpeg(rgb), "jpg", rgb.width, rgb.height)
+    return EncodedImage(data, KEPT_FORMATS[image_format], image.width, image.height)
 
 
-def load_file(path: str, image_size: Optional[int]) -> EncodedImage:
+def load_file(path: str, options: ImageOptions) -> EncodedImage:
     """Loader for an image file on disk (tabular and COCO sources)."""
     try:
         data = Path(path).read_bytes()
@@ -79,9 +107,9 @@ def load_file(path: str, image_size: Optional[int]) -> EncodedImage:
         raise BadImage(f"missing file {path}") from None
     except OSError as exc:
         raise BadImage(f"unreadable file {path} ({exc.strerror})") from None
-    return encode_bytes(data, image_size)
+    return encode_bytes(data, options)
 
 
-def load_bytes(data: bytes, image_size: Optional[int]) -> EncodedImage:
+def load_bytes(data: bytes, options: ImageOptions) -> EncodedImage:
     """Loader for image bytes already in memory (re-sharded webdataset samples)."""
-    return encode_bytes(data, image_size)
+    return encode_bytes(data, options)

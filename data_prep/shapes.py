@@ -10,7 +10,7 @@ import io
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -136,8 +136,9 @@ def draw(scene: Scene) -> Image.Image:
     return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
 
 
-def render(scene: Scene, image_size: Optional[int]) -> EncodedImage:
-    """Writer loader (see data_prep.images): the scene as a JPEG; always 64 px, ``image_size`` is ignored."""
+def render(scene: Scene, options: Any = None) -> EncodedImage:
+    """Writer loader (see data_prep.images): the scene as a JPEG; always 64 px and opaque, so ``options``
+    (an ImageOptions) change nothing."""
     out = io.BytesIO()
     draw(scene).save(out, format="JPEG", quality=JPEG_QUALITY)
     return EncodedImage(out.getvalue(), "jpg", IMAGE_PX, IMAGE_PX)

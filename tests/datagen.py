@@ -13,12 +13,17 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from clip_dro.data.shard_reader import parse_sample
+
 LEVELS = 6  # 6 levels per channel, 40 apart: far beyond JPEG error on a flat image
 MAX_ID = LEVELS ** 3
 
 
 def colour_of(image_id: int) -> tuple[int, int, int]:
-    assert 0 <= image_id < MAX_ID
+    """The colour of image ``image_id``; ids repeat their colour every MAX_ID (tests that read ids back from
+    pixels stay below it, larger sets only need distinct files)."""
+    assert image_id >= 0
+    image_id %= MAX_ID
     r, g, b = image_id // (LEVELS * LEVELS), (image_id // LEVELS) % LEVELS, image_id % LEVELS
     return (20 + 40 * r, 20 + 40 * g, 20 + 40 * b)
 
@@ -90,15 +95,17 @@ def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
 
 
 def read_dataset(directory: Path) -> list[dict]:
-    """All samples of a prep output, in shard order: key, meta (json), captions, image (PIL), files."""
+    """All samples of a prep output, in shard order: key, meta (json), captions, image (PIL), files. The tar
+    is read with the standard library; the sample's members are parsed by the one sample reader
+    (``shard_reader.parse_sample``) that training and evaluation use."""
     manifest = json.loads((directory / "manifest.json").read_text())
     out = []
     for shard in manifest["shards"]:
         for key, files in read_tar(directory / shard["name"]).items():
-            image_ext = next(e for e in ("jpg", "png", "webp") if e in files)
-            out.append({"key": key, "meta": json.loads(files["json"]), "shard": shard["name"],
-                        "captions": files["txt"].decode().split("\n"),
-                        "image": Image.open(io.BytesIO(files[image_ext])), "ext": image_ext, "files": files})
+            record = parse_sample(f"{shard['name']}: sample {key}", files)
+            out.append({"key": key, "meta": record.meta, "shard": shard["name"], "captions": record.captions,
+                        "image": Image.open(io.BytesIO(files[record.image_ext])), "ext": record.image_ext,
+                        "files": files})
     return out
 
 

@@ -20,6 +20,8 @@ from clip_dro.data.eval_sets import EvalSetError
 from clip_dro.evaluation.checkpoint import CheckpointError, load_checkpoint_model, resolve_checkpoint
 from clip_dro.evaluation.run import EvalError, NonFiniteEmbeddingError, evaluate, evaluate_from_cli
 from clip_dro.models import build_model, register_model_configs
+from clip_dro.data.shard_reader import caption_lines
+from datagen import read_dataset
 from evalgen import (bomb_png, brute_force_classification, brute_force_retrieval, make_checkpoint, make_imagefolder,
                      make_retrieval_set, make_train_set, make_zeroshot_shards, truncated_png)
 
@@ -28,13 +30,8 @@ TEMPLATES = ["a photo of a {c}.", "a {c} drawn in pencil"]
 
 
 def _read_shards(directory: Path) -> list[dict[str, bytes]]:
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in json.loads((directory / "manifest.json").read_text())["shards"]:
-        with tarfile.open(directory / shard["name"]) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                samples.setdefault(f"{shard['name']}/{key}", {})[ext] = tar.extractfile(m).read()
-    return list(samples.values())
+    """Each sample's members (ext -> bytes), read with the standard library."""
+    return [s["files"] for s in read_dataset(directory)]
 
 
 def _open(data: bytes) -> Image.Image:
@@ -61,7 +58,7 @@ class Direct:
 
     def retrieval(self, directory: Path) -> dict[str, float]:
         samples = _read_shards(directory)
-        captions = [s["txt"].decode().split("\n") for s in samples]
+        captions = [caption_lines(s["txt"], "test") for s in samples]
         image_features = self.images([_open(s["png"]) for s in samples])
         text_features = torch.cat([self.texts([c for caps in captions[s:s + BATCH] for c in caps])
                                    for s in range(0, len(captions), BATCH)])
@@ -267,7 +264,7 @@ def test_non_finite_embeddings_name_the_set_side_and_count(sets, kind, side, mes
     torch.manual_seed(0)
     bundle = build_model("tiny-vit")
     directory = sets / ("coco_test" if kind == "retrieval" else "zs_shards")
-    texts = sum(len(s["txt"].decode().split("\n")) for s in _read_shards(sets / "coco_test"))
+    texts = sum(len(caption_lines(s["txt"], "test")) for s in _read_shards(sets / "coco_test"))
     expected = re.escape(f"eval set {directory}: " + message.format(texts=texts))
     with pytest.raises(NonFiniteEmbeddingError, match=expected):
         evaluate(NaNRows(bundle.model, side), bundle.tokenizer, bundle.preprocess_eval,

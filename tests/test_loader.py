@@ -14,7 +14,6 @@ import torch
 from torchvision.transforms.functional import to_tensor
 
 import clip_dro.data.train_loader as train_loader
-from clip_dro.data.lanes import assign_shards
 from clip_dro.data.train_loader import TrainLoader
 from clip_dro.errors import UserError
 from data_prep.tabular import prep_table
@@ -33,7 +32,7 @@ def data(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("loader")
     csv, root = captions_table(tmp, NUM_IMAGES, lambda i: 1 + i % 3)
     prep_table(input=csv, output=tmp / "data", image_col="filepath", caption_col="title", image_root=root,
-               shard_size=4, workers=1)
+               shard_size=4, workers=1, shuffle=False)  # sample i shows image id i
     return tmp / "data"
 
 
@@ -79,13 +78,13 @@ def test_every_sample_once_per_epoch_across_processes_and_workers(data):
 
 def test_each_shard_read_by_one_rank(data, monkeypatch):
     reads: list[tuple[int, str]] = []
-    real = train_loader.read_shard
+    real = train_loader.shard_samples
 
-    def spy(path, *args, **kw):
-        reads.append((rank, Path(path).name))
-        return real(path, *args, **kw)
+    def spy(location, *args, **kw):
+        reads.append((rank, Path(location).name))
+        return real(location, *args, **kw)
 
-    monkeypatch.setattr(train_loader, "read_shard", spy)
+    monkeypatch.setattr(train_loader, "shard_samples", spy)
     for rank in (0, 1):
         list(loader(data, 4, rank=rank, world_size=2, lanes=4).epoch(0))
     shards = [name for _, name in reads]
@@ -105,7 +104,8 @@ def test_dataloader_workers_deliver_pieces_in_order(data):
     workers = global_batches(data, 0, world_size=1, batch_size=8, workers=2, lanes=4)
     assert_same(inline, workers)
     # lanes 0-1 (worker 0) fill the first half of each batch: they read shards assigned to lanes 0 and 1
-    lanes01 = {s for lane in assign_shards([4] * 12, 4, 7, 0)[:2] for s in lane}
+    ld = loader(data, 8, lanes=4)
+    lanes01 = {shard for lane in (0, 1) for shard, _, _ in ld.lane_segments(0, lane)}
     first_half = torch.cat([b["image_index"][:4] for b in workers])
     assert {int(i) // 4 for i in first_half} == lanes01
 
@@ -143,8 +143,7 @@ def test_steps_in_epoch_and_leftovers(tmp_path):
     for epoch in range(3):
         ld = loader(tmp_path / "d", 6, lanes=2)
         batches = list(ld.epoch(epoch))
-        lane_sizes = [sum(4 if s < 12 else 2 for s in lane) for lane in assign_shards([4] * 12 + [2], 2, 7, epoch)]
-        assert sum(lane_sizes) == 50 and len(batches) == ld.steps_in_epoch(epoch) == min(lane_sizes) // 3
+        assert len(batches) == ld.steps_in_epoch(epoch) == 50 // 6
         seen = torch.cat([b.image_index for b in batches]).tolist()
         assert len(set(seen)) == len(seen) == 6 * len(batches)
 
@@ -205,3 +204,123 @@ def test_two_real_processes_match_one(data, tmp_path):
         assert r0["image_index"] + r1["image_index"] == batch["image_index"].tolist()
         assert r0["text_index"] + r1["text_index"] == batch["text_index"].tolist()
         assert np.isclose(r0["image_sum"] + r1["image_sum"], batch["images"].sum().item(), rtol=1e-5)
+
+
+# --- the lane schedule: every sample once per epoch, at any ratio of shards to lanes --------------------------
+
+@pytest.mark.parametrize("sizes, lanes, per_lane", [
+    ([4] * 12, 4, 3),  # shards divide evenly over the lanes: no shard is cut
+    ([1000] * 3, 2, 256),  # fewer shards than a balanced deal needs: whole-shard lanes would drop 40 %
+    ([10] * 8, 8, 3),  # as many lanes as shards
+    ([1000, 3, 3, 3, 7], 4, 2),  # one shard holds nearly everything
+    (list(np.random.default_rng(0).integers(0, 60, 37)), 8, 5),  # uneven, with empty shards
+])
+def test_plan_uses_every_sample_but_less_than_a_global_batch(sizes, lanes, per_lane):
+    from clip_dro.data.lanes import plan_epoch
+
+    total, global_batch = sum(sizes), lanes * per_lane
+    for epoch in range(3):
+        plan = plan_epoch(sizes, lanes, per_lane, seed=5, epoch=epoch)
+        assert plan.steps == total // global_batch and total - plan.steps * global_batch < global_batch
+        covered = {s: np.zeros(n, dtype=int) for s, n in enumerate(sizes)}
+        readers = {s: 0 for s in range(len(sizes))}
+        for lane in range(lanes):
+            segments = plan.lane_segments(lane)
+            assert sum(hi - lo for _, lo, hi in segments) == plan.lane_length(lane) >= plan.steps * per_lane
+            for shard, lo, hi in segments:
+                covered[shard][lo:hi] += 1
+                readers[shard] += 1
+        assert all((c == 1).all() for c in covered.values())  # each position in exactly one lane
+        cut = [s for s, n in readers.items() if n > 1]
+        assert len(cut) <= lanes - 1
+        if len(set(sizes)) == 1 and len(sizes) % lanes == 0 and total % global_batch == 0:
+            assert not cut
+
+
+def test_plan_is_linear_in_shards():
+    """400 k shards x 512 lanes: one permutation, one cumulative sum, a binary search per lane."""
+    from clip_dro.data.lanes import plan_epoch
+
+    sizes = np.full(400_000, 1000)
+    sizes[::7] = 997
+    plan = plan_epoch(sizes, 512, 4, seed=0, epoch=3)
+    assert plan.steps == int(sizes.sum()) // 2048
+    assert sum(plan.lane_length(lane) for lane in range(512)) == sizes.sum()
+    assert len(plan.lane_segments(511)) in range(780, 790)
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> Path:
+    """50 samples in 13 shards (12 of 4, one of 2): lanes get unequal numbers of whole shards."""
+    tmp = tmp_path_factory.mktemp("uneven")
+    csv, root = captions_table(tmp, 50, lambda i: 1 + i % 2)
+    prep_table(input=csv, output=tmp / "d", image_col="filepath", caption_col="title", image_root=root,
+               shard_size=4, workers=1, shuffle=False)
+    return tmp / "d"
+
+
+@pytest.mark.parametrize("world_size, batch_size, lanes, workers", [(1, 6, 2, 1), (2, 4, 8, 2), (2, 6, 4, 1),
+                                                                      (1, 12, 3, 2)])
+def test_every_sample_once_per_epoch_at_any_ratio(uneven, world_size, batch_size, lanes, workers):
+    global_batch = world_size * batch_size
+    for epoch in (0, 1):
+        batches = global_batches(uneven, epoch, world_size=world_size, batch_size=batch_size, lanes=lanes,
+                                 workers=workers, preprocess=to_tensor)
+        seen = torch.cat([b["image_index"] for b in batches]).tolist()
+        assert len(batches) == 50 // global_batch
+        assert len(set(seen)) == len(seen) and 50 - len(seen) < global_batch
+        for b in batches:  # pairing survives the cut shards
+            assert [id_of_tensor(x) for x in b["images"]] == b["image_index"].tolist() == b["tokens"][:, 0].tolist()
+
+
+def test_global_batch_invariant_and_resume_exact_with_cut_shards(uneven):
+    """Global batch 10 over 2 lanes: each lane needs 25 samples, so a lane cut falls inside a shard, whose two
+    parts two workers (or two processes) read."""
+    kw = dict(lanes=2, shuffle_buffer=5)
+    plan = loader(uneven, 10, **kw).plan(2)
+    lane_shards = [{s for s, _, _ in plan.lane_segments(lane)} for lane in range(2)]
+    assert lane_shards[0] & lane_shards[1]  # a cut shard
+    one = global_batches(uneven, 2, world_size=1, batch_size=10, workers=0, **kw)
+    workers = global_batches(uneven, 2, world_size=1, batch_size=10, workers=2, **kw)
+    two = global_batches(uneven, 2, world_size=2, batch_size=5, workers=1, **kw)
+    assert_same(one, workers)
+    assert_same(one, two)
+    seen = torch.cat([b["image_index"] for b in one]).tolist()
+    assert len(one) == 5 and len(set(seen)) == 50
+    resumed = global_batches(uneven, 2, world_size=2, batch_size=5, workers=1, start_step=2, **kw)
+    assert_same(one[2:], resumed)
+
+
+def test_shuffle_buffer_mixes_lanes_deterministically(uneven):
+    def lane_order(buffer, seed=7):
+        ld = loader(uneven, 4, lanes=2, shuffle_buffer=buffer, seed=seed, preprocess=to_tensor)
+        return [b.image_index[:2].tolist() for b in ld.epoch(0)], ld
+
+    sequential, ld = lane_order(0)
+    # buffer 0: lane 0 reads its shards' samples in file order (shuffle=False prep: index = position)
+    expected = [ld.manifest.shards[s].first_index + p for s, lo, hi in ld.lane_segments(0, 0) for p in range(lo, hi)]
+    assert [i for pair in sequential for i in pair] == expected[:2 * len(sequential)]
+    mixed, _ = lane_order(8)
+    again, _ = lane_order(8)
+    assert mixed == again and mixed != sequential
+    assert sorted(i for pair in mixed for i in pair) != [i for pair in mixed for i in pair]
+    with pytest.raises(UserError, match="data.shuffle_buffer"):
+        loader(uneven, 4, lanes=2, shuffle_buffer=-1)
+
+
+def test_one_reader_parses_captions_for_training_evaluation_and_tests(tmp_path):
+    """CRLF line ends and a final newline: every reader sees the same two captions."""
+    from clip_dro.data.eval_sets import check_retrieval_set
+    from datagen import image_bytes
+    from evalgen import write_shards
+
+    samples = [{"jpg": image_bytes(i), "txt": f"item {i} caption 0\r\nitem {i} caption 1\n",
+                "json": {"index": i, "image_index": i, "text_index": [2 * i, 2 * i + 1]}} for i in range(4)]
+    write_shards(tmp_path / "crlf", samples, 2, "retrieval", num_texts=8)
+    want = [[f"item {i} caption 0", f"item {i} caption 1"] for i in range(4)]
+    assert check_retrieval_set(tmp_path / "crlf").captions == want
+    assert [s["captions"] for s in read_dataset(tmp_path / "crlf")] == want
+    batches = list(loader(tmp_path / "crlf", 2, lanes=2, preprocess=to_tensor).epoch(0))
+    tokens = torch.cat([b.tokens for b in batches]).tolist()
+    indices = torch.cat([b.image_index for b in batches]).tolist()
+    assert sorted(indices) == [0, 1, 2, 3] and all(t[0] == i and t[1] in (0, 1) for t, i in zip(tokens, indices))

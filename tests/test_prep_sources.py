@@ -8,6 +8,7 @@ import pytest
 from clip_dro.errors import UserError
 from data_prep.coco import prep_coco
 from data_prep.reshard import prep_wds
+from data_prep.tabular import prep_table
 from datagen import (caption, id_of_image, image_bytes, parse_caption, read_dataset, write_images,
                      write_wds_input)
 
@@ -20,7 +21,7 @@ def test_coco_train_records_are_grouped_per_image(tmp_path):
     ann = tmp_path / "train.json"
     ann.write_text(json.dumps(records))
     manifest = prep_coco(annotations=ann, image_root=tmp_path / "images", output=tmp_path / "out", shard_size=3,
-                         workers=2)
+                         workers=2, shuffle=False)
     samples = read_dataset(tmp_path / "out")
     assert manifest.num_images == 4 and manifest.num_texts == 10 and manifest.rejected == 1
     assert manifest.accepted + manifest.rejected == 11 == manifest.source["rows"]
@@ -39,7 +40,8 @@ def test_coco_val_records_carry_caption_lists(tmp_path):
     records.append({"image": "gone.jpg", "caption": ["x", "y"]})
     ann = tmp_path / "val.json"
     ann.write_text(json.dumps(records))
-    manifest = prep_coco(annotations=ann, image_root=tmp_path / "images", output=tmp_path / "out", workers=1)
+    manifest = prep_coco(annotations=ann, image_root=tmp_path / "images", output=tmp_path / "out", workers=1,
+                         shuffle=False)
     samples = read_dataset(tmp_path / "out")
     assert [len(s["captions"]) for s in samples] == [5, 4, 5] and manifest.num_texts == 14
     assert [s["meta"]["text_index"][0] for s in samples] == [0, 5, 9]
@@ -75,7 +77,7 @@ def _img2dataset_shards(tmp_path):
 def test_wds_reshard_drops_and_records_bad_samples(tmp_path):
     _img2dataset_shards(tmp_path)
     manifest = prep_wds(input=str(tmp_path / "{00000..00001}.tar"), output=tmp_path / "out", shard_size=2,
-                        image_size=8, workers=2)
+                        image_size=8, workers=2, shuffle=False)
     samples = read_dataset(tmp_path / "out")
     assert [id_of_image(s["image"]) for s in samples] == [0, 2, 5, 6]
     assert [s["meta"]["index"] for s in samples] == [0, 1, 2, 3] == [s["meta"]["text_index"][0] for s in samples]
@@ -94,9 +96,10 @@ def test_wds_reshards_a_prep_output_with_all_captions(tmp_path):
     names = write_images(tmp_path / "images", range(5))
     records = [{"image": names[i], "caption": [caption(i, j) for j in range(i % 3 + 1)]} for i in range(5)]
     (tmp_path / "val.json").write_text(json.dumps(records))
-    prep_coco(annotations=tmp_path / "val.json", image_root=tmp_path / "images", output=tmp_path / "a", shard_size=2)
+    prep_coco(annotations=tmp_path / "val.json", image_root=tmp_path / "images", output=tmp_path / "a", shard_size=2,
+              shuffle=False)
     shards = sorted(str(p) for p in (tmp_path / "a").glob("*.tar"))
-    manifest = prep_wds(input=shards, output=tmp_path / "b", shard_size=4, workers=1)
+    manifest = prep_wds(input=shards, output=tmp_path / "b", shard_size=4, workers=1, shuffle=False)
     a, b = read_dataset(tmp_path / "a"), read_dataset(tmp_path / "b")
     assert manifest.num_texts == sum(i % 3 + 1 for i in range(5)) and len(manifest.shards) == 2
     assert [s["captions"] for s in a] == [s["captions"] for s in b]
@@ -107,7 +110,47 @@ def test_wds_reshards_a_prep_output_with_all_captions(tmp_path):
 def test_wds_bad_input(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         prep_wds(input=str(tmp_path / "{0..1}.tar"), output=tmp_path / "out")
-    (tmp_path / "0.tar").write_bytes(b"\x00garbage" * 100)
-    with pytest.raises(UserError, match="0.tar"):
-        prep_wds(input=str(tmp_path / "0.tar"), output=tmp_path / "out", workers=1)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "0.tar").write_bytes(b"\x00garbage" * 100)  # damaged input: a rejected row, not the end
+    manifest = prep_wds(input=str(tmp_path / "0.tar"), output=tmp_path / "out", workers=1)
+    (rejected,) = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert rejected["shard"] == str(tmp_path / "0.tar") and rejected["reason"].startswith("damaged input shard")
+    assert (manifest.num_samples, manifest.accepted, manifest.rejected) == (0, 0, 1)
+
+
+@pytest.mark.parametrize("source", ["csv", "coco", "wds"])
+def test_rows_are_shuffled_by_seed_and_recorded(tmp_path, source):
+    """Input in class order comes out in a seeded random order; --no-shuffle keeps it."""
+    names = write_images(tmp_path / "images", range(24))
+
+    def run(out, **kw):
+        if source == "csv":
+            import pandas as pd
+
+            pd.DataFrame({"p": [names[i] for i in range(24)], "c": [caption(i, 0) for i in range(24)]}).to_csv(
+                tmp_path / "t.csv", index=False)
+            return prep_table(input=tmp_path / "t.csv", output=tmp_path / out, image_col="p", caption_col="c",
+                              image_root=tmp_path / "images", shard_size=5, workers=1, **kw)
+        if source == "coco":
+            (tmp_path / "a.json").write_text(json.dumps([{"image": names[i], "caption": caption(i, 0)}
+                                                         for i in range(24)]))
+            return prep_coco(annotations=tmp_path / "a.json", image_root=tmp_path / "images", output=tmp_path / out,
+                             shard_size=5, workers=1, **kw)
+        for shard in range(4):
+            write_wds_input(tmp_path / f"{shard}.tar", [{"__key__": f"{i:04d}", "jpg": image_bytes(i),
+                                                          "txt": caption(i, 0).encode()}
+                                                         for i in range(6 * shard, 6 * shard + 6)])
+        return prep_wds(input=str(tmp_path / "{0..3}.tar"), output=tmp_path / out, shard_size=5, workers=1, **kw)
+
+    def order(out):
+        return [parse_caption(s["captions"][0])[0] for s in read_dataset(tmp_path / out)]
+
+    manifest, kept = run("a", seed=1), run("d", shuffle=False)
+    run("b", seed=1)
+    run("c", seed=2)
+    assert manifest.source["shuffle"] is True and manifest.source["seed"] == 1 and kept.source["shuffle"] is False
+    assert sorted(order("a")) == list(range(24)) == order("d")
+    assert order("a") == order("b") != order("c")
+    assert order("a") != list(range(24))
+    assert [id_of_image(s["image"]) for s in read_dataset(tmp_path / "a")] == order("a")  # pairs kept together
+    assert [s["meta"]["index"] for s in read_dataset(tmp_path / "a")] == list(range(24))

@@ -17,7 +17,7 @@ from datagen import captions_table, id_of_image, image_bytes, parse_caption, rea
 
 
 def prep(csv: Path, out: Path, root: Path, **kw):
-    options = dict(image_col="filepath", caption_col="title", image_root=root, shard_size=3, workers=1)
+    options = dict(image_col="filepath", caption_col="title", image_root=root, shard_size=3, workers=1, shuffle=False)
     options.update(kw)
     return prep_table(input=csv, output=out, **options)
 
@@ -154,3 +154,15 @@ def test_png_keeps_its_format(tmp_path):
     samples = read_dataset(tmp_path / "out")
     assert [s["ext"] for s in samples] == ["png", "png"] and manifest.rejected == 0
     assert load_manifest(tmp_path / "out").num_texts == 2
+
+
+def test_rejected_rows_keep_unusual_line_separators(tmp_path):
+    """A rejected row's caption may hold U+2028 or U+0085 (line separators to str.splitlines): rejected.jsonl
+    still has one JSON line per rejected row."""
+    csv, root = captions_table(tmp_path, 3, 1)
+    rows = pd.read_csv(csv).values.tolist() + [["missing.jpg", "first\u2028second\x85third"], ["gone.jpg", "x"]]
+    pd.DataFrame(rows, columns=["filepath", "title"]).to_csv(csv, index=False)
+    manifest = prep(csv, tmp_path / "out", root)
+    lines = (tmp_path / "out" / "rejected.jsonl").read_text(encoding="utf-8").split("\n")[:-1]
+    assert manifest.rejected == 2 == len(lines)
+    assert json.loads(lines[0])["caption"] == "first\u2028second\x85third"

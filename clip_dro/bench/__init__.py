@@ -12,6 +12,7 @@ import pandas as pd
 def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096), train_batch: int = 128,
               prep_images: int = 2000) -> dict[str, Any]:
     """Run every case, print the table, write ``{"results": [...]}`` to ``output``."""
+    from clip_dro.bench.lane_schedule import bench_lane_schedule
     from clip_dro.bench.loader import bench_loader
     from clip_dro.bench.loss_step import bench_loss_step
     from clip_dro.bench.prep import bench_prep
@@ -38,6 +39,7 @@ def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096
                     "loader_samples_per_s": loader["samples_per_s"], "trainer_samples_per_s": consumed,
                     "note": "ratio = trainer consumption / loader supply per sample; below 1: loader not the bottleneck"})
     results.append(bench_prep(num_images=prep_images, workers=1))
+    results.append(bench_lane_schedule(shards=400_000, lanes=512))
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

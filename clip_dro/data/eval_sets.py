@@ -13,13 +13,20 @@ The ``check_*`` / ``load_*`` functions read only the small members of the shards
 where each image is (:class:`ImageRef`); :func:`iter_image_batches` then decodes the images in order, in
 DataLoader workers if asked, and hands back an image that cannot be decoded as a :class:`BadImage` instead of
 failing, so that the caller decides whether one bad file ends an evaluation.
+
+Samples are parsed by the one reader of the sample format (``shard_reader.parse_sample``), and images with
+transparency are composited onto white (``shard_reader.to_rgb``). A set given as a URL (``http(s)://``,
+``pipe:``, ``s3://``, ... see ``clip_dro.manifest``) must be prep shards; its files are copied once into a
+temporary directory (removed at exit), from which everything above works unchanged, messages naming the URL.
 """
 from __future__ import annotations
 
+import atexit
 import io
-import json
 import re
+import shutil
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -30,8 +37,10 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import base_plus_ext
 
+from clip_dro.data.shard_reader import WHITE, image_extension, parse_sample, sample_meta, shard_samples, to_rgb
 from clip_dro.errors import UserError
-from clip_dro.manifest import IMAGE_EXTENSIONS, MANIFEST_NAME, Manifest, load_manifest
+from clip_dro.manifest import (IMAGE_EXTENSIONS, MANIFEST_NAME, Location, LocationError, Manifest, is_url,
+                               join_location, load_manifest, location_name, open_location)
 
 CLASSNAMES_NAME = "classnames.txt"
 TEMPLATES_NAME = "templates.txt"
@@ -45,7 +54,10 @@ class EvalSetError(UserError):
     """An evaluation set that cannot be read; the message names the directory, file, shard or sample."""
 
 
-def require_dir(directory: str | Path, what: str) -> Path:
+def require_dir(directory: Location, what: str) -> Location:
+    """A local directory that exists (as a Path), or a URL (checked when read)."""
+    if is_url(directory):
+        return str(directory)
     directory = Path(directory)
     if not directory.is_dir():
         raise EvalSetError(f"{what} {directory} does not exist or is not a directory")
@@ -91,7 +103,7 @@ def decode_image(ref: ImageRef) -> Image.Image | BadImage:
     """The RGB image at ``ref``, or a :class:`BadImage` saying why there is none."""
     try:
         with Image.open(io.BytesIO(ref.read())) as img:
-            return img.convert("RGB")
+            return to_rgb(img, WHITE)
     except UnidentifiedImageError:  # its own message names only the in-memory buffer
         return BadImage(ref.where, "UnidentifiedImageError: not an image format PIL recognizes")
     except _DECODE_ERRORS as exc:
@@ -147,19 +159,20 @@ class ShardSample:
     key: str
     members: dict[str, tarfile.TarInfo]
     data: dict[str, bytes]
+    label: Optional[str] = None  # how messages name the shard (its URL for a copied remote set)
 
     @property
     def where(self) -> str:
-        return f"{self.shard}: sample {self.key}"
+        return f"{self.label or self.shard}: sample {self.key}"
 
     @property
     def image(self) -> Optional[ImageRef]:
         """The sample's image: its member of the first extension of ``IMAGE_EXTENSIONS`` it has."""
-        ext = next((e for e in IMAGE_EXTENSIONS if e in self.members), None)
+        ext = image_extension(self.members)
         return None if ext is None else ImageRef(self.where, self.shard, self.members[ext])
 
 
-def _check_archive_end(tar: tarfile.TarFile, shard: Path, last: Optional[tarfile.TarInfo]) -> None:
+def _check_archive_end(tar: tarfile.TarFile, shard: Location, last: Optional[tarfile.TarInfo]) -> None:
     """A complete tar archive has its end-of-archive block (zeros) right after its last member. tarfile stops
     without a word at a header that is cut short or damaged, so without this a truncated shard would pass for
     one with fewer members."""
@@ -171,9 +184,10 @@ def _check_archive_end(tar: tarfile.TarFile, shard: Path, last: Optional[tarfile
                            f"{last.name})")
 
 
-def _read_shard(shard: Path, read: set[str]) -> list[ShardSample]:
+def _read_shard(shard: Path, read: set[str], label: Optional[str] = None) -> list[ShardSample]:
     """The samples of one shard with the bytes of the members whose extension is in ``read``, grouped by key
-    the way webdataset groups them (``base_plus_ext``)."""
+    the way webdataset groups them (``base_plus_ext``); messages name it ``label`` (default: its path)."""
+    name = label or shard
     try:
         with tarfile.open(shard) as tar:
             samples: list[ShardSample] = []
@@ -185,44 +199,74 @@ def _read_shard(shard: Path, read: set[str]) -> list[ShardSample]:
                     continue
                 ext = ext.lower()
                 if not samples or samples[-1].key != key:
-                    samples.append(ShardSample(shard, key, {}, {}))
+                    samples.append(ShardSample(shard, key, {}, {}, label))
                 samples[-1].members[ext] = member
                 if ext in read:
                     samples[-1].data[ext] = tar.extractfile(member).read()
-            _check_archive_end(tar, shard, last)
+            _check_archive_end(tar, name, last)
             return samples
     except (tarfile.TarError, EOFError, OSError) as exc:  # EOFError: a compressed shard cut short
-        raise EvalSetError(f"{shard}: not a readable tar shard, truncated or damaged ({exc})") from None
+        raise EvalSetError(f"{name}: not a readable tar shard, truncated or damaged ({exc})") from None
 
 
-def scan_shards(directory: Path, manifest: Manifest, read: set[str]) -> Iterator[ShardSample]:
+def scan_shards(directory: Path, manifest: Manifest, read: set[str],
+                origin: Optional[str] = None) -> Iterator[ShardSample]:
     """Every sample of the shards, in manifest order, with the bytes of the members whose extension is in
-    ``read``. A shard must be a complete tar holding the number of samples the manifest lists for it."""
+    ``read``. A shard must be a complete tar holding the number of samples the manifest lists for it.
+    ``origin`` is the URL a local copy ``directory`` was made from: messages name the shards there."""
     for info, shard in zip(manifest.shards, manifest.shard_paths(directory)):
-        samples = _read_shard(shard, read)
+        label = None if origin is None else str(join_location(origin, info.name))
+        samples = _read_shard(shard, read, label)
         if len(samples) != info.num_samples:
-            raise EvalSetError(f"{shard} holds {len(samples)} samples but {directory / MANIFEST_NAME} lists "
+            listed = join_location(origin, MANIFEST_NAME) if origin is not None else directory / MANIFEST_NAME
+            raise EvalSetError(f"{label or shard} holds {len(samples)} samples but {listed} lists "
                                f"{info.num_samples} for it")
         yield from samples
 
 
-def iter_sample_json(directory: str | Path) -> Iterator[dict[str, Any]]:
-    """The ``.json`` record of every sample of a prep directory, in manifest order, without reading images."""
+def iter_sample_json(directory: Location) -> Iterator[dict[str, Any]]:
+    """The ``.json`` record of every sample of a prep directory, in manifest order, without decoding images (a
+    local shard's images are skipped over; a remote directory's shards are streamed through once)."""
     directory = require_dir(directory, "prep directory")
-    for sample in scan_shards(directory, load_manifest(directory), {"json"}):
+    manifest = load_manifest(directory)
+    if is_url(directory):
+        for info, location in zip(manifest.shards, manifest.shard_locations(directory)):
+            for _, key, members in shard_samples(location, info):
+                yield _parse_json(f"{location}: sample {key}", members.get("json"))
+        return
+    for sample in scan_shards(directory, manifest, {"json"}):
         yield _parse_json(sample.where, sample.data.get("json"))
 
 
 def _parse_json(where: str, raw: Optional[bytes]) -> dict[str, Any]:
-    if raw is None:
-        raise EvalSetError(f"{where} has no .json member")
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EvalSetError(f"{where}: .json is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise EvalSetError(f"{where}: .json is not an object")
-    return meta
+    return sample_meta(raw, where, EvalSetError)
+
+
+_COPIES: list[Path] = []
+
+
+def _remove_copies() -> None:
+    for path in _COPIES:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _copy_remote_set(url: str, manifest: Manifest, what: str, optional: tuple[str, ...] = ()) -> Path:
+    """A local copy of the prep directory at ``url``: its manifest, shards and the ``optional`` files it has
+    (a file that cannot be read is taken as absent); removed when the process exits."""
+    if not _COPIES:
+        atexit.register(_remove_copies)
+    local = Path(tempfile.mkdtemp(prefix="clip-dro-evalset-"))
+    _COPIES.append(local)
+    manifest.write(local)
+    for name in [s.name for s in manifest.shards] + list(optional):
+        try:
+            with open_location(join_location(url, name)) as stream, open(local / name, "wb") as out:
+                shutil.copyfileobj(stream, out, 1 << 20)
+        except (LocationError, OSError) as exc:
+            (local / name).unlink(missing_ok=True)
+            if name not in optional:
+                raise EvalSetError(f"{what} {url}: cannot copy {name} ({exc})") from None
+    return local
 
 
 # ---------------------------------------------------------------------------------------------- retrieval
@@ -246,54 +290,29 @@ class RetrievalSetInfo:
         return sum(map(len, self.captions))
 
 
-def parse_retrieval_sample(where: str, has_image: bool, text: Optional[str],
-                           meta: Any) -> tuple[list[str], int, list[int]]:
-    """(captions, image_index, text_index) of one retrieval sample, or an error naming the sample."""
-    if not isinstance(meta, dict):
-        raise EvalSetError(f"{where} has no .json object with its indices")
-    if not has_image:
-        raise EvalSetError(f"{where} has no image (.{', .'.join(IMAGE_EXTENSIONS)})")
-    captions = text.splitlines() if text is not None else []
-    if not captions:
-        raise EvalSetError(f"{where} has no captions (empty or missing .txt): a retrieval set needs at least "
-                           "one caption per image")
-    image_index = meta.get("image_index")
-    text_index = meta.get("text_index")
-    if not isinstance(image_index, int) or isinstance(image_index, bool):
-        raise EvalSetError(f"{where}: .json key 'image_index' should be an integer, got {image_index!r}")
-    if not isinstance(text_index, list) or not all(isinstance(t, int) for t in text_index):
-        raise EvalSetError(f"{where}: .json key 'text_index' should be a list of integers, got {text_index!r}")
-    if len(text_index) != len(captions):
-        raise EvalSetError(f"{where}: {len(captions)} caption lines in .txt but {len(text_index)} entries in "
-                           ".json 'text_index'")
-    return captions, image_index, text_index
-
-
-def check_retrieval_set(directory: str | Path) -> RetrievalSetInfo:
+def check_retrieval_set(directory: Location) -> RetrievalSetInfo:
     """Check every sample of a retrieval set (an image, captions, indices, each image once) and note where its
     image is, without decoding images."""
     directory = require_dir(directory, "retrieval set")
     manifest = load_manifest(directory)
     if manifest.num_samples == 0:
         raise EvalSetError(f"retrieval set {directory} holds no samples")
+    local, origin = directory, None
+    if is_url(directory):
+        local, origin = _copy_remote_set(directory, manifest, "retrieval set"), directory
     images: list[ImageRef] = []
     captions: list[list[str]] = []
     seen_images: set[int] = set()
-    for sample in scan_shards(directory, manifest, {"txt", "json"}):
-        try:
-            text = sample.data["txt"].decode("utf-8") if "txt" in sample.data else None
-        except UnicodeDecodeError:
-            raise EvalSetError(f"{sample.where}: .txt is not UTF-8 text") from None
-        image = sample.image
-        sample_captions, image_index, _ = parse_retrieval_sample(sample.where, image is not None, text,
-                                                                 _parse_json(sample.where, sample.data.get("json")))
+    for sample in scan_shards(local, manifest, {"txt", "json"}, origin):
+        record = parse_sample(sample.where, {**sample.members, **sample.data}, error=EvalSetError)
+        image, sample_captions, image_index = sample.image, record.captions, record.image_index
         if image_index in seen_images:
             raise EvalSetError(f"{sample.where}: image_index {image_index} appears in an earlier sample; a "
                                "retrieval set holds each image once, with all its captions")
         seen_images.add(image_index)
         images.append(image)
         captions.append(sample_captions)
-    return RetrievalSetInfo(directory.name, directory, images, captions)
+    return RetrievalSetInfo(location_name(directory), directory, images, captions)
 
 
 # ---------------------------------------------------------------------------------------------- zero-shot
@@ -317,9 +336,11 @@ class ZeroShotSet:
         return len(self.images)
 
 
-def _read_lines(path: Path) -> list[str]:
-    """Non-empty lines of a text file; an empty line between names is an error naming the line."""
+def _read_lines(path: Path, label: Optional[Location] = None) -> list[str]:
+    """Non-empty lines of a text file; an empty line between names is an error naming the line (and the file
+    as ``label``, default its path)."""
     lines = path.read_text(encoding="utf-8").splitlines()
+    path = label or path
     while lines and not lines[-1].strip():
         lines.pop()
     for number, line in enumerate(lines, start=1):
@@ -334,12 +355,14 @@ def _format_template(template: str) -> Template:
     return lambda c: template.replace("{c}", c)
 
 
-def read_templates(directory: Path) -> list[Template]:
+def read_templates(directory: Path, origin: Optional[str] = None) -> list[Template]:
     """``templates.txt`` as callables (the form open_clip's zero-shot builder takes), or the default."""
     path = directory / TEMPLATES_NAME
     if not path.is_file():
         return list(open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES)
-    lines = _read_lines(path)
+    label = None if origin is None else join_location(origin, TEMPLATES_NAME)
+    lines = _read_lines(path, label)
+    path = label or path
     for number, line in enumerate(lines, start=1):
         if "{c}" not in line:
             raise EvalSetError(f"{path} line {number} has no {{c}} placeholder for the class name: {line!r}")
@@ -347,10 +370,10 @@ def read_templates(directory: Path) -> list[Template]:
 
 
 def _shard_images(directory: Path, manifest: Manifest, num_classes: int,
-                  classnames_path: Path) -> tuple[list[ImageRef], list[int]]:
+                  classnames_path: Location, origin: Optional[str] = None) -> tuple[list[ImageRef], list[int]]:
     """The image and the checked ``.cls`` label of every sample of a zero-shot set's shards."""
     images, labels = [], []
-    for sample in scan_shards(directory, manifest, {"cls"}):
+    for sample in scan_shards(directory, manifest, {"cls"}, origin):
         image = sample.image
         if image is None:
             raise EvalSetError(f"{sample.where} has no image (.{', .'.join(IMAGE_EXTENSIONS)})")
@@ -386,6 +409,20 @@ def load_zeroshot_set(directory: str | Path) -> ZeroShotSet:
     """Read and check a zero-shot set's class names, templates and labels, and note where its images are
     (images are not decoded)."""
     directory = require_dir(directory, "zero-shot set")
+    if is_url(directory):
+        manifest = load_manifest(directory)
+        local = _copy_remote_set(directory, manifest, "zero-shot set", (CLASSNAMES_NAME, TEMPLATES_NAME))
+        classnames_path = local / CLASSNAMES_NAME
+        if not classnames_path.is_file():
+            raise EvalSetError(f"zero-shot set {directory} has no {CLASSNAMES_NAME} (one class name per line, "
+                               "in label order)")
+        label = join_location(directory, CLASSNAMES_NAME)
+        templates = read_templates(local, directory)
+        classnames = _read_lines(classnames_path, label)
+        images, labels = _shard_images(local, manifest, len(classnames), label, directory)
+        if not images:
+            raise EvalSetError(f"zero-shot set {directory} holds no images")
+        return ZeroShotSet(location_name(directory), directory, classnames, templates, images, labels, "shards")
     templates = read_templates(directory)
     if (directory / MANIFEST_NAME).is_file():
         classnames_path = directory / CLASSNAMES_NAME

@@ -1,64 +1,96 @@
-"""The training schedule as pure functions of (manifest shard sizes, seed, epoch, lanes): which shards each
-lane streams in an epoch, in what sample order, and which sample draws (caption, augmentation) it makes.
+"""The training schedule as pure functions of (manifest shard sizes, seed, epoch, lanes, per-lane count,
+shuffle buffer): which samples each lane streams in an epoch, in what order, and which sample draws
+(caption, augmentation) it makes.
 
-Nothing here depends on the number of processes or workers; that is what makes the global batch of a step
-the same set of samples however the work is split (see ``train_loader``).
+Epoch e: the shards are permuted with (seed, e) and laid end to end, each shard's samples in file order,
+into one sequence of N items. The sequence is cut into L contiguous lane ranges, each holding at least
+``steps x per_lane`` items with steps = N // (L x per_lane), so every sample is used once in the epoch but for
+fewer than one global batch. A cut falls on a shard boundary whenever the slack allows it (always when the
+shards divide evenly over the lanes); otherwise the two neighbouring lanes read disjoint parts of that shard.
+Within a lane, consecutive blocks of ``buffer`` items are each permuted with (seed, e, lane, block): a
+shuffle buffer whose order is computed, not replayed, so a resumed epoch skips its prefix without reading it
+(except within the block it resumes in).
+
+The cost per epoch is one permutation and one cumulative sum over the shards (numpy) and a binary search
+per lane: O(shards + lanes log shards). Nothing here depends on the number of processes or workers; that is
+what makes the global batch of a step the same whoever reads it (see ``train_loader``).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 
 # Distinct first words keep the random streams apart (seed, epoch, ... alone could coincide).
-_TAG_SHARDS, _TAG_SAMPLES, _TAG_DRAWS = 1, 2, 3
+_TAG_SHARDS, _TAG_BLOCKS, _TAG_DRAWS = 1, 4, 3
 
 
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) for k in key])
 
 
-def assign_shards(shard_sizes: list[int], lanes: int, seed: int, epoch: int) -> list[list[int]]:
-    """Shard ids of each lane for ``epoch``: shards in a (seed, epoch) permutation, each given to the lane
-    holding the fewest samples so far (lowest lane on ties). Deterministic, and the lanes' lengths differ by
-    at most one shard, so few samples are left over."""
-    totals = [0] * lanes
-    assignment: list[list[int]] = [[] for _ in range(lanes)]
-    for shard in _rng(_TAG_SHARDS, seed, epoch).permutation(len(shard_sizes)):
-        lane = min(range(lanes), key=lambda p: (totals[p], p))
-        assignment[lane].append(int(shard))
-        totals[lane] += shard_sizes[shard]
-    return assignment
+@dataclass(frozen=True)
+class EpochPlan:
+    """The lanes of one epoch: ``order`` (shard ids in epoch order), ``offsets`` (item offset of each of them
+    in the epoch's sequence, plus the total), ``cuts`` (the lanes' item ranges: lane l holds
+    [cuts[l], cuts[l + 1])) and ``steps`` (full global batches in the epoch)."""
+
+    order: np.ndarray
+    offsets: np.ndarray
+    cuts: np.ndarray
+    steps: int
+    per_lane: int
+
+    @property
+    def lanes(self) -> int:
+        return len(self.cuts) - 1
+
+    def lane_length(self, lane: int) -> int:
+        return int(self.cuts[lane + 1] - self.cuts[lane])
+
+    def lane_segments(self, lane: int) -> list[tuple[int, int, int]]:
+        """(shard, first position, end position) pieces of lane ``lane``'s range, in stream order."""
+        a, b = int(self.cuts[lane]), int(self.cuts[lane + 1])
+        first = max(int(np.searchsorted(self.offsets, a, side="right")) - 1, 0)
+        end = min(int(np.searchsorted(self.offsets, b, side="left")), len(self.order))
+        starts, stops = self.offsets[first:end], self.offsets[first + 1:end + 1]
+        lo, hi = np.maximum(starts, a) - starts, np.minimum(stops, b) - starts
+        keep = hi > lo
+        return list(zip(self.order[first:end][keep].tolist(), lo[keep].tolist(), hi[keep].tolist()))
 
 
-def steps_in_epoch(shard_sizes: list[int], assignment: list[list[int]], per_lane: int) -> int:
-    """Steps every lane can fill with ``per_lane`` samples; the rest of the epoch's samples are not used."""
-    return min(sum(shard_sizes[s] for s in lane) for lane in assignment) // per_lane
+def plan_epoch(shard_sizes: Sequence[int] | np.ndarray, lanes: int, per_lane: int, seed: int, epoch: int
+               ) -> EpochPlan:
+    """The lanes of ``epoch`` (see the module docstring)."""
+    sizes = np.asarray(shard_sizes, dtype=np.int64)
+    order = _rng(_TAG_SHARDS, seed, epoch).permutation(len(sizes))
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes[order], out=offsets[1:])
+    total = int(offsets[-1])
+    steps = total // (lanes * per_lane)
+    need = steps * per_lane
+    cuts = np.zeros(lanes + 1, dtype=np.int64)
+    cuts[-1] = total
+    for lane in range(lanes - 1):
+        want = int(cuts[lane]) + need
+        limit = total - (lanes - 1 - lane) * need  # what the lanes after this one need
+        boundary = int(offsets[min(int(np.searchsorted(offsets, want, side="left")), len(sizes))])
+        cuts[lane + 1] = boundary if want <= boundary <= limit else want
+    return EpochPlan(order, offsets, cuts, steps, per_lane)
 
 
-def sample_order(num_samples: int, seed: int, epoch: int, shard: int) -> np.ndarray:
-    """Positions within ``shard`` in the order the lane reads them in ``epoch``."""
-    return _rng(_TAG_SAMPLES, seed, epoch, shard).permutation(num_samples)
-
-
-def lane_segments(lane: list[int], shard_sizes: list[int], seed: int, epoch: int, start: int, count: int
-                  ) -> list[tuple[int, np.ndarray]]:
-    """(shard, positions) pieces covering items [start, start + count) of a lane's stream in ``epoch``.
-
-    The skipped prefix costs nothing: whole shards are skipped by their counts and the positions of a
-    partly skipped shard are cut before anything is read.
-    """
-    segments = []
-    for shard in lane:
-        if count <= 0:
-            break
-        size = shard_sizes[shard]
-        if start >= size:
-            start -= size
-            continue
-        positions = sample_order(size, seed, epoch, shard)[start:start + count]
-        segments.append((shard, positions))
-        count -= len(positions)
-        start = 0
-    return segments
+def lane_blocks(length: int, buffer: int, seed: int, epoch: int, lane: int, start: int, stop: int
+                ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The shuffle blocks of a lane of ``length`` items that outputs [start, stop) of its stream fall in:
+    (first item of the block, items in it, the block's items for those outputs in output order)."""
+    block = max(buffer, 1)
+    for b in range(start // block, -(-stop // block)):
+        first = b * block
+        size = min(block, length - first)
+        order = _rng(_TAG_BLOCKS, seed, epoch, lane, b).permutation(size) if block > 1 else np.arange(size)
+        lo, hi = max(start, first) - first, min(stop, first + size) - first
+        yield first, size, first + order[lo:hi]
 
 
 def sample_draws(seed: int, epoch: int, index: int, num_captions: int) -> tuple[int, int]:

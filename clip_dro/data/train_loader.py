@@ -1,40 +1,46 @@
 """The training loader: global batches that do not depend on how many processes and workers read them.
 
 Design. The data is read as L *lanes* (``data.lanes``; default processes x max(workers, 1)). In epoch e the
-shards are permuted with seed (seed, e) and dealt to the lanes (``lanes.assign_shards``); a lane reads its
-shards in that order, each shard's samples in a (seed, e, shard) permutation. At every step each lane gives
-its next c = B / L samples (B = per-process batch x processes), and the global batch of step k is lanes
-0..L-1 in order. An epoch has as many steps as the shortest lane can fill; the samples left over in the other
-lanes are not used in that epoch (the next epoch deals the shards differently). All of this is a function of
-the manifest, the seed, L and B only.
+shards are permuted with seed (seed, e) and laid end to end; the sequence is cut into L contiguous lane ranges
+of at least steps x c samples each, with c = B / L (B = per-process batch x processes) and steps = N // B, so
+every sample of the epoch is used but for fewer than one global batch (``lanes.plan_epoch``). Each lane's
+stream is mixed by a shuffle buffer of ``shuffle_buffer`` samples whose order is computed from (seed, e,
+lane, block). At every step each lane gives its next c samples, and the global batch of step k is lanes
+0..L-1 in order. All of this is a function of the manifest, the seed, L, B and the buffer only.
 
 Rank r reads lanes [r L/W, (r+1) L/W): its slice of the global batch, in order. With ``workers`` > 0 a torch
 DataLoader runs one worker per contiguous sub-block of the rank's lanes; each worker yields its piece of
 every step, DataLoader's in-order round robin delivers pieces 0..workers-1 of a step consecutively, and they
-are concatenated into the rank's batch. So every shard is read by one (process, worker), and W processes
-with batch b see exactly the global batches of one process with batch W b (for the same L: set
-``data.lanes`` explicitly to compare runs on different numbers of processes, since its default changes with
-them).
+are concatenated into the rank's batch. So a shard is read by one (process, worker) (a shard a lane cut falls
+in, by the two that read its two parts), and W processes with batch b see exactly the global batches of one
+process with batch W b (for the same L: set ``data.lanes`` explicitly to compare runs on different numbers of
+processes, since its default changes with them).
 
 Per sample, the caption (one of its captions) and the seed of the random image augmentation are drawn from
 (seed, epoch, sample index), so they too are the same whoever reads the sample, and resuming at a step
-reproduces the remaining batches.
+reproduces the remaining batches. Shards are read as streams, from a local directory or a URL
+(``clip_dro.manifest``); images with transparency are composited onto ``background``.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip_dro.data import lanes as plan
-from clip_dro.data.shard_reader import RawSample, ShardDataError, read_shard
+from clip_dro.data.shard_reader import WHITE, RawSample, ShardDataError, decode_rgb, parse_background, raw_sample, \
+    shard_samples
 from clip_dro.errors import UserError
-from clip_dro.manifest import Manifest, load_manifest
+from clip_dro.manifest import Location, Manifest, as_location, join_location, load_manifest
+
+# Samples per lane that the shuffle buffer mixes (data.shuffle_buffer); each lane holds at most this many
+# undecoded samples.
+DEFAULT_SHUFFLE_BUFFER = 2000
 
 
 class LoaderError(UserError):
@@ -43,10 +49,20 @@ class LoaderError(UserError):
 
 @dataclass
 class TrainBatch:
-    images: torch.Tensor  # float [b, 3, H, W]
-    tokens: torch.Tensor  # long [b, context]
-    image_index: torch.Tensor  # int64 [b]
-    text_index: torch.Tensor  # int64 [b]
+    images: Optional[torch.Tensor]  # float [b, 3, H, W]; None when the batch holds bad samples
+    tokens: Optional[torch.Tensor]  # long [b, context]
+    image_index: Optional[torch.Tensor]  # int64 [b]
+    text_index: Optional[torch.Tensor]  # int64 [b]
+    # With data.on_bad_sample=skip: "shard S, sample key K: reason" of each sample that could not be used.
+    # A batch with any is not decoded, and the step is skipped on every process.
+    bad: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _BadSample:
+    """Stands in the stream for a sample that cannot be read or decoded (data.on_bad_sample=skip)."""
+
+    reason: str
 
 
 def _nearest_lanes(global_batch: int, world_size: int, num_shards: int, wanted: int) -> Optional[int]:
@@ -95,12 +111,13 @@ def check_layout(data_dir: str | Path, num_shards: int, batch_size: int, world_s
 
 
 class TrainLoader:
-    """Per-process training batches of ``data_dir`` (see the module docstring for the schedule)."""
+    """Per-process training batches of ``data_dir`` (a prep directory or its URL; see the module docstring)."""
 
-    def __init__(self, data_dir: str | Path, preprocess: Callable, tokenizer: Callable[[list[str]], torch.Tensor],
+    def __init__(self, data_dir: Location, preprocess: Callable, tokenizer: Callable[[list[str]], torch.Tensor],
                  batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, workers: int = 0,
-                 lanes: Optional[int] = None):
-        self.data_dir = Path(data_dir)
+                 lanes: Optional[int] = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                 background: Any = WHITE, on_bad_sample: str = "stop"):
+        self.data_dir = as_location(data_dir)
         self.manifest: Manifest = load_manifest(self.data_dir)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
@@ -112,15 +129,26 @@ class TrainLoader:
             raise LoaderError(f"train.seed must be >= 0, got {seed}")
         if not 0 <= rank < world_size:
             raise LoaderError(f"rank {rank} is outside world size {world_size}")
+        if shuffle_buffer < 0:
+            raise LoaderError(f"data.shuffle_buffer must be >= 0 (0: no mixing), got {shuffle_buffer}")
+        try:
+            self.background = parse_background(background)
+        except ValueError as exc:
+            raise LoaderError(f"data.background: {exc}") from None
+        self.shuffle_buffer = shuffle_buffer
+        if on_bad_sample not in ("stop", "skip"):
+            raise LoaderError(f"data.on_bad_sample must be stop or skip, got {on_bad_sample!r}")
+        self.skip_bad = on_bad_sample == "skip"
         self.lanes = check_layout(self.data_dir, len(self.manifest.shards), batch_size, world_size, workers, lanes)
         # More workers than lanes would leave some idle: each worker reads whole lanes.
         self.workers = min(workers, self.lanes // world_size)
         self.per_lane = self.global_batch_size // self.lanes
-        self.shard_sizes = [s.num_samples for s in self.manifest.shards]
+        self.shard_sizes = np.array([s.num_samples for s in self.manifest.shards], dtype=np.int64)
+        self._plans: dict[int, plan.EpochPlan] = {}
         if self.steps_in_epoch(0) == 0:
-            shortest = min(sum(self.shard_sizes[s] for s in lane) for lane in self.lane_assignment(0))
-            raise LoaderError(f"{self.data_dir}: an epoch has no full step: a lane holds {shortest} samples, fewer "
-                              f"than the {self.per_lane} it must give per step; lower data.batch_size or data.lanes")
+            raise LoaderError(f"{self.data_dir}: an epoch has no full step: it holds {self.manifest.num_samples} "
+                              f"samples, fewer than the global batch of {self.global_batch_size}; lower "
+                              "data.batch_size")
 
     @property
     def global_batch_size(self) -> int:
@@ -133,12 +161,21 @@ class TrainLoader:
             raise LoaderError(f"{self.data_dir}: the manifest has {m.num_images} images and {m.num_texts} captions "
                               f"but the loss state holds {num_images} images and {num_texts} captions")
 
-    def lane_assignment(self, epoch: int) -> list[list[int]]:
-        return plan.assign_shards(self.shard_sizes, self.lanes, self.seed, epoch)
+    def plan(self, epoch: int) -> plan.EpochPlan:
+        """The lanes of ``epoch`` (computed once per epoch and process)."""
+        if epoch not in self._plans:
+            if len(self._plans) >= 2:
+                self._plans.pop(min(self._plans))
+            self._plans[epoch] = plan.plan_epoch(self.shard_sizes, self.lanes, self.per_lane, self.seed, epoch)
+        return self._plans[epoch]
 
     def steps_in_epoch(self, epoch: int) -> int:
-        """Steps of ``epoch``; from the manifest alone, so the same on every rank."""
-        return plan.steps_in_epoch(self.shard_sizes, self.lane_assignment(epoch), self.per_lane)
+        """Steps of ``epoch``: full global batches, from the manifest alone, so the same on every rank."""
+        return self.manifest.num_samples // self.global_batch_size
+
+    def lane_segments(self, epoch: int, lane: int) -> list[tuple[int, int, int]]:
+        """(shard, first position, end position) pieces that lane ``lane`` reads in ``epoch``, in order."""
+        return self.plan(epoch).lane_segments(lane)
 
     def worker_lanes(self, worker: int) -> range:
         """The lanes that worker ``worker`` of this rank reads: a contiguous block of the rank's lanes, the
@@ -163,39 +200,99 @@ class TrainLoader:
 
     # --- worker side -------------------------------------------------------------------------------------
 
-    def lane_chunks(self, lane: int, epoch: int, start_step: int, steps: int) -> Iterator[list[RawSample]]:
-        """Lane ``lane``'s samples of steps [start_step, steps), ``per_lane`` at a time, undecoded."""
-        c = self.per_lane
-        lane_shards = self.lane_assignment(epoch)[lane]
-        chunk: list[RawSample] = []
-        for shard, positions in plan.lane_segments(lane_shards, self.shard_sizes, self.seed, epoch,
-                                                   start_step * c, (steps - start_step) * c):
+    def _lane_items(self, segments: list[tuple[int, int, int]], skip: int
+                    ) -> Iterator[tuple[Location, str, dict[str, bytes]]]:
+        """(shard, key, members) of a lane's items from item ``skip`` on; whole shards before it are not
+        opened."""
+        for shard, lo, hi in segments:
+            if skip >= hi - lo:
+                skip -= hi - lo
+                continue
             info = self.manifest.shards[shard]
-            raw = read_shard(self.data_dir / info.name, info, positions, self.manifest.num_images,
-                             self.manifest.num_texts)
-            for position in positions:
-                chunk.append(raw[int(position)])
+            location = join_location(self.data_dir, info.name)
+            position = lo + skip
+            try:
+                for _, key, members in shard_samples(location, info, lo + skip, hi):
+                    yield location, key, members
+                    position += 1
+            except ShardDataError as exc:
+                if not self.skip_bad:
+                    raise
+                # The shard cannot be read on from here: its remaining samples are all bad, the same ones
+                # on every run, so a resumed run skips exactly what this one skipped.
+                for missing in range(position, hi):
+                    yield location, f"{info.first_index + missing:09d}", _BadSample(str(exc))
+            skip = 0
+
+    def lane_chunks(self, lane: int, epoch: int, start_step: int, steps: int) -> Iterator[list[RawSample]]:
+        """Lane ``lane``'s samples of steps [start_step, steps), ``per_lane`` at a time, undecoded. The items
+        of one shuffle block are read in stream order and handed out in the block's order; only the ones
+        handed out are parsed."""
+        c = self.per_lane
+        epoch_plan = self.plan(epoch)
+        length = epoch_plan.lane_length(lane)
+        blocks = plan.lane_blocks(length, self.shuffle_buffer, self.seed, epoch, lane, start_step * c, steps * c)
+        items = None
+        chunk: list[RawSample] = []
+        for first, size, wanted in blocks:
+            if items is None:
+                items = self._lane_items(epoch_plan.lane_segments(lane), first)
+            want = set(wanted.tolist())
+            found: dict[int, RawSample] = {}
+            for item in range(first, first + size):
+                location, key, members = next(items)
+                if item in want:
+                    found[item] = self._raw(location, key, members)
+            for item in wanted.tolist():
+                chunk.append(found.pop(item))
                 if len(chunk) == c:
                     yield chunk
                     chunk = []
+        if items is not None:
+            items.close()
 
-    def decode(self, samples: list[RawSample], epoch: int) -> dict[str, torch.Tensor]:
-        """Images through ``preprocess`` (augmentation seeded per sample), one drawn caption each, tokenized."""
+    def _raw(self, location: Location, key: str, members) -> RawSample | _BadSample:
+        if isinstance(members, _BadSample):
+            return members
+        try:
+            return raw_sample(location, key, members, self.manifest.num_images, self.manifest.num_texts)
+        except ShardDataError as exc:
+            if not self.skip_bad:
+                raise
+            return _BadSample(str(exc))
+
+    def decode(self, samples: list[RawSample | _BadSample], epoch: int) -> dict[str, Any]:
+        """Images through ``preprocess`` (augmentation seeded per sample), one drawn caption each, tokenized.
+        With data.on_bad_sample=skip, a piece holding bad samples is reported instead of decoded."""
+        bad = [s.reason for s in samples if isinstance(s, _BadSample)]
+        if bad:
+            return {"bad": tuple(bad)}
         images, captions, text_index = [], [], []
         with torch.random.fork_rng(devices=[]):
             for s in samples:
                 choice, augment_seed = plan.sample_draws(self.seed, epoch, s.index, len(s.captions))
                 try:
-                    image = Image.open(io.BytesIO(s.image)).convert("RGB")
-                except (OSError, SyntaxError, ValueError) as exc:
-                    raise ShardDataError(f"shard {s.shard}, sample key {s.key}: undecodable image ({exc})") from None
+                    image = self._decode_image(s)
+                except ShardDataError as exc:
+                    if not self.skip_bad:
+                        raise
+                    bad.append(str(exc))
+                    continue
                 torch.default_generator.manual_seed(augment_seed)  # CPU only: torch.manual_seed also queues CUDA work
                 images.append(self.preprocess(image))
                 captions.append(s.captions[choice])
                 text_index.append(s.text_index[choice])
+        if bad:
+            return {"bad": tuple(bad)}
         return {"images": torch.stack(images), "tokens": self.tokenizer(captions),
                 "image_index": torch.tensor([s.image_index for s in samples], dtype=torch.int64),
                 "text_index": torch.tensor(text_index, dtype=torch.int64)}
+
+    def _decode_image(self, s: RawSample) -> Image.Image:
+        try:
+            return decode_rgb(s.image, self.background)
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+            raise ShardDataError(f"shard {s.shard}, sample key {s.key}: undecodable image ({exc})") from None
 
 
 class _Pieces(IterableDataset):
@@ -223,6 +320,9 @@ def _batch(pieces: list) -> TrainBatch:
     failed = next((p for p in pieces if isinstance(p, UserError)), None)
     if failed is not None:
         raise failed
+    bad = tuple(reason for p in pieces for reason in p.get("bad", ()))
+    if bad:
+        return TrainBatch(None, None, None, None, bad)
     if len(pieces) == 1:
         return TrainBatch(**pieces[0])
     return TrainBatch(**{k: torch.cat([p[k] for p in pieces]) for k in pieces[0]})

@@ -29,6 +29,7 @@ from clip_dro.evaluation.checkpoint import (MODEL_NAME, load_checkpoint_config, 
 from clip_dro.evaluation.retrieval import retrieval_metrics
 from clip_dro.evaluation.temperatures import analyze_temperatures
 from clip_dro.evaluation.zeroshot import classification_metrics, zero_shot_classifier
+from clip_dro.manifest import is_url
 
 RESULTS_NAME = "eval.json"
 ANALYSIS_DIR = "temperature_analysis"
@@ -206,7 +207,11 @@ def _run_temperature_analysis(ckpt_dir: Path, train_dir: Optional[str]) -> None:
     csv = ckpt_dir / TEMPERATURES_FILE
     if not csv.is_file():
         return
-    if train_dir is not None and not Path(train_dir).is_dir():
+    if train_dir is not None and is_url(train_dir):
+        # Concepts would mean streaming every training shard once: not worth it at web scale.
+        print(f"temperature analysis: training set {train_dir} is remote; analysing the distribution only")
+        train_dir = None
+    elif train_dir is not None and not Path(train_dir).is_dir():
         print(f"temperature analysis: training set {train_dir} not found; analysing the distribution only")
         train_dir = None
     summary = analyze_temperatures(csv, train_dir, ckpt_dir / ANALYSIS_DIR)
