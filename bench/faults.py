@@ -77,7 +77,13 @@ def main() -> None:
                 trials.append({"fault": fault, "point": point, **outcome, "seconds": time.perf_counter() - start})
                 print(f"{fault:40s} {point:36s} {'survived' if outcome['survived'] else 'LOST: ' + outcome['lost']}",
                       flush=True)
-    summary = {}
+                write_report(trials, args.output)  # so far: a long run can be read while it goes
+    print(write_report(trials, args.output))
+
+
+def write_report(trials: list[dict], output: Path) -> str:
+    """The summary table (Markdown, returned) and every trial (JSON) for what has run so far."""
+    summary: dict[str, dict] = {}
     for t in trials:
         row = summary.setdefault(t["fault"], {"trials": 0, "survived": 0, "lost": []})
         row["trials"] += 1
@@ -87,9 +93,9 @@ def main() -> None:
     lines = ["| fault | trials | survived with exact resume | data or state lost |", "|---|---:|---:|---|"]
     lines += [f"| {fault} | {row['trials']} | {row['survived']} | {'; '.join(row['lost']) or 'nothing'} |"
               for fault, row in summary.items()]
-    args.output.write_text(json.dumps({"trials": trials, "summary": summary}, indent=2) + "\n")
-    args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    output.write_text(json.dumps({"trials": trials, "summary": summary}, indent=2) + "\n")
+    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

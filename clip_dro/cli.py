@@ -100,10 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="prep synthetic data, train CLIP/SogCLR/iSogCLR on the CPU, compare")
     p.add_argument("--output", type=Path, default=Path("quickstart"))
-    p.add_argument("--steps", type=int, default=None, help="training steps per loss (default: tiny_cpu.yaml's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per loss (default: the setup config's)")
     p.add_argument("--num-train", type=int, default=None, help="synthetic training images (default 4000)")
+    p.add_argument("--setup", choices=["scratch", "pretrained"], default="scratch",
+                   help="scratch: a tiny ViT from random weights (tiny_cpu.yaml, default); pretrained: "
+                        "EfficientNet-Lite0 + MiniLM fine-tuned (pretrained_cpu.yaml)")
     p.set_defaults(run=lambda a: _call("clip_dro.quickstart", "run_quickstart", output=a.output, steps=a.steps,
-                                       num_train=a.num_train))
+                                       num_train=a.num_train, setup=a.setup))
 
     p = sub.add_parser("bench", help="benchmark suite: loss step, train step, loader, prep (ratios)")
     p.add_argument("--output", type=Path, default=Path("bench.json"))

@@ -106,6 +106,26 @@ def _freeze_batchnorm(model: torch.nn.Module) -> None:
     model.visual = freeze_batch_norm_2d(model.visual)
 
 
+def _hf_text_cfg(text_cfg: dict[str, Any], text_tower: str, load_weights: bool) -> tuple[dict[str, Any], bool]:
+    """The model's text_cfg pointed at the local directory, and whether open_clip's own adapter can host it."""
+    text_dir = _text_tower_dir(text_tower, load_weights)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model_type = json.loads((text_dir / "config.json").read_text()).get("model_type")
+    text_cfg = {**text_cfg, "hf_model_name": str(text_dir), "hf_tokenizer_name": str(text_dir),
+                "hf_model_pretrained": load_weights}
+    return text_cfg, model_type in open_clip.hf_configs.arch_dict
+
+
+def _hf_tokenizer(text_cfg: dict[str, Any]) -> open_clip.tokenizer.HFTokenizer:
+    tokenizer = open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"],
+                                                context_length=text_cfg.get("context_length", 77))
+    # transformers 5 builds an empty tokenizer from a directory without tokenizer files, silently.
+    if len(tokenizer.tokenizer.get_vocab()) <= len(tokenizer.tokenizer.all_special_tokens):
+        raise ModelError(f"model.text_tower: {text_cfg['hf_tokenizer_name']} holds no tokenizer vocabulary "
+                         "(save the tokenizer beside the model: tokenizer.json or vocab.txt)")
+    return tokenizer
+
+
 def build_model(
     name: str,
     pretrained: Optional[str] = None,
@@ -135,47 +155,41 @@ def build_model(
     model_cfg = open_clip.get_model_config(name)
     vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     image_file = None if pretrained_image is None else _image_weights_file(pretrained_image, vision_cfg, name)
-
-    kwargs: dict[str, Any] = _image_normalization(vision_cfg)
-    adapter_text_cfg = None
-    if "hf_model_name" in text_cfg:
-        if text_tower is None:
-            raise ModelError(f"model.text_tower: model {name!r} has a Hugging Face text tower; "
-                             "set model.text_tower to its local directory")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        load_text = text_tower_pretrained and pretrained is None
-        text_dir = _text_tower_dir(text_tower, load_text)
-        text_cfg = {**text_cfg, "hf_model_name": str(text_dir), "hf_tokenizer_name": str(text_dir),
-                    "hf_model_pretrained": load_text}
-        model_type = json.loads((text_dir / "config.json").read_text()).get("model_type")
-        if model_type in open_clip.hf_configs.arch_dict:
-            kwargs["text_cfg"] = text_cfg
-        else:
-            adapter_text_cfg, kwargs["text_cfg"] = text_cfg, _PLACEHOLDER_TEXT_CFG
-    elif text_tower is not None:
+    is_hf_text = "hf_model_name" in text_cfg
+    if is_hf_text and text_tower is None:
+        raise ModelError(f"model.text_tower: model {name!r} has a Hugging Face text tower; "
+                         "set model.text_tower to its local directory")
+    if not is_hf_text and text_tower is not None:
         raise ModelError(f"model.text_tower: model {name!r} has its own text tower; remove model.text_tower")
 
-    model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(name, **kwargs)
-    if adapter_text_cfg is not None:
+    kwargs: dict[str, Any] = _image_normalization(vision_cfg)
+    use_adapter = False
+    if is_hf_text:
+        text_cfg, open_clip_hosts = _hf_text_cfg(text_cfg, text_tower, text_tower_pretrained and pretrained is None)
+        use_adapter = not open_clip_hosts
+        kwargs["text_cfg"] = _PLACEHOLDER_TEXT_CFG if use_adapter else text_cfg
+        tokenizer = _hf_tokenizer(text_cfg)
+    else:
+        tokenizer = open_clip.get_tokenizer(name)
+
+    # open_clip loads whole-model weights itself, except into a model whose text tower is not yet in place.
+    model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+        name, pretrained=None if use_adapter else pretrained, **kwargs)
+    if use_adapter:
         try:
-            model.text = HFTextTower(text_dir, model_cfg["embed_dim"], adapter_text_cfg["hf_pooler_type"],
-                                     adapter_text_cfg["hf_proj_type"], adapter_text_cfg["hf_model_pretrained"])
+            model.text = HFTextTower(Path(text_cfg["hf_model_name"]), model_cfg["embed_dim"],
+                                     text_cfg["hf_pooler_type"], text_cfg["hf_proj_type"],
+                                     text_cfg["hf_model_pretrained"])
         except ValueError as exc:
             raise ModelError(f"model.text_tower: {exc}") from None
         model.context_length, model.vocab_size = model.text.context_length, model.text.vocab_size
+        if pretrained is not None:
+            open_clip.load_checkpoint(model, pretrained, strict=True)
     if image_file is not None:
         try:
             load_trunk_weights(model.visual.trunk, image_file)
         except ValueError as exc:
             raise ModelError(f"model.pretrained_image: {image_file}: {exc}") from None
-    if pretrained is not None:
-        open_clip.load_checkpoint(model, pretrained, strict=True)
     if image_batchnorm == "frozen":
         _freeze_batchnorm(model)
-
-    if "hf_model_name" in text_cfg:
-        tokenizer = open_clip.tokenizer.HFTokenizer(
-            text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77))
-    else:
-        tokenizer = open_clip.get_tokenizer(name)
     return ModelBundle(model, preprocess_train, preprocess_eval, tokenizer, name)

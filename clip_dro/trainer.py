@@ -107,8 +107,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _forget_metrics_after(path: Path, step: int) -> None:
-    """Drop the lines a stopped run logged after the checkpoint it resumes from (they will be logged again),
-    and a last line cut short by a kill, so that metrics.jsonl reads as one uninterrupted run."""
+    """Drop the lines a stopped run logged after the step this run starts from (they will be logged again;
+    all of them when it starts afresh), and a last line cut short by a kill, so that metrics.jsonl reads as
+    one uninterrupted run."""
     if not path.is_file():
         return
     kept = []
@@ -144,7 +145,8 @@ class Trainer:
 
         set_seed(cfg.train.seed)
         self.bundle = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.text_tower,
-                                  cfg.model.text_tower_pretrained)
+                                  cfg.model.text_tower_pretrained, pretrained_image=cfg.model.pretrained_image,
+                                  image_batchnorm=cfg.model.image_batchnorm)
         model = self.bundle.model
         # Our losses bring their own temperatures; an unused parameter would stall DDP.
         for name in ("logit_scale", "logit_bias"):
@@ -174,6 +176,7 @@ class Trainer:
             self.saved_step = self.global_step
         if acc.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")
+            _forget_metrics_after(self.run_dir / "metrics.jsonl", self.global_step)
         if acc.log_with:
             acc.init_trackers("clip_dro")
 
@@ -255,8 +258,6 @@ class Trainer:
                                   "another checkpoint (train.resume=PATH)") from None
         self.scheduler.load_state_dict(state.scheduler)
         self.global_step, self.epoch, self.step_in_epoch = state.global_step, state.epoch, state.step_in_epoch
-        if self.accelerator.is_main_process:
-            _forget_metrics_after(self.run_dir / "metrics.jsonl", self.global_step)
         self.accelerator.print(f"resumed from {directory} at step {self.global_step}")
 
     # -- one step ----------------------------------------------------------------------------------------

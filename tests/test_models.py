@@ -104,3 +104,7 @@ def test_weight_file_errors_name_the_key(tmp_path):
         build_model("tiny-vit-hftext", text_tower=str(tower))
     img, txt, _ = _encode(build_model("tiny-vit-hftext", text_tower=str(tower), text_tower_pretrained=False), ["a"])
     assert txt.shape == (1, 128)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tower / name).unlink()
+    with pytest.raises(ModelError, match="model.text_tower: .* holds no tokenizer vocabulary"):
+        build_model("tiny-vit-hftext", text_tower=str(tower), text_tower_pretrained=False)

@@ -47,3 +47,12 @@ def test_quickstart_writes_a_consistent_comparison(tmp_path):
     with pytest.raises(UserError, match="already holds another dataset"):
         run_quickstart(tmp_path, steps=2, num_train=400)
     assert json.loads((tmp_path / "comparison.json").read_text()) == written
+
+
+def test_pretrained_setup_fine_tunes_the_pretrained_towers(tmp_path):
+    table = run_quickstart(tmp_path, steps=2, num_train=480, setup="pretrained")
+    assert list(table) == list(LOSSES) and all(0 <= row["r_mean"] <= 100 for row in table.values())
+    config = (tmp_path / "runs/isogclr/config.yaml").read_text()
+    assert "efficientnet-lite0-minilm" in config and "package:efficientnet_lite0" in config
+    with pytest.raises(UserError, match="holds a quickstart run with other settings .*model.name"):
+        run_quickstart(tmp_path, steps=2, num_train=480, setup="scratch")

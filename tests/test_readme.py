@@ -22,6 +22,7 @@ import yaml
 
 from datagen import caption, image_bytes, write_images, write_wds_input
 from evalgen import make_imagefolder
+from standins import write_resnet50_state_dict, write_tiny_distilbert
 from test_shipped_configs import tiny_model_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,23 +45,28 @@ COMMANDS = [c for block in fenced_blocks(README, "bash") for c in shell_commands
 
 
 def _config_of(command: str) -> Path:
-    match = re.search(r"(configs/\S+\.yaml)", command)
+    match = re.search(r"configs/(\S+)\.yaml|--config (\w+)", command)
     assert match, f"no config in {command!r}"
-    return ROOT / match.group(1)
+    return ROOT / "configs" / f"{match.group(1) or match.group(2)}.yaml"
+
+
+def _config_paths(config: Path, workspace: Path) -> list[str]:
+    """Overrides pointing the config's /data paths at the stand-ins."""
+    out = []
+    for section, values in yaml.safe_load(config.read_text()).items():
+        for key, value in values.items():
+            if isinstance(value, str) and value.startswith("/data/"):
+                out.append(f"{section}.{key}={workspace}{value}")
+            elif isinstance(value, list) and any(str(v).startswith("/data/") for v in value):
+                out.append(f"{section}.{key}=[{','.join(f'{workspace}{v}' for v in value)}]")
+    return out
 
 
 def train_overrides(config: Path, workspace: Path) -> list[str]:
     """The config's /data paths pointed at the stand-ins, its model swapped for the tiny one (each config's
     own model is built in test_shipped_configs), two steps."""
     data = yaml.safe_load(config.read_text())
-    out = []
-    for section, values in data.items():
-        for key, value in values.items():
-            if isinstance(value, str) and value.startswith("/data/"):
-                out.append(f"{section}.{key}={workspace}{value}")
-            elif isinstance(value, list) and any(str(v).startswith("/data/") for v in value):
-                out.append(f"{section}.{key}=[{','.join(f'{workspace}{v}' for v in value)}]")
-    return out + tiny_model_overrides(data.get("model", {})) + ["train.max_steps=2"]
+    return _config_paths(config, workspace) + tiny_model_overrides(data.get("model", {})) + ["train.max_steps=2"]
 
 
 def scaled(command: str, workspace: Path) -> Optional[str]:
@@ -83,6 +89,10 @@ def scaled(command: str, workspace: Path) -> Optional[str]:
         return command + " --quick"
     if command.startswith("python bench/gpu_check.py"):
         return command.replace("--num-train 1000", "--num-train 300").replace("--steps 20", "--steps 4")
+    if "/weights/" in command:  # the paper's own model, on stand-in weight files of the same formats
+        command = command.replace("/weights/", f"{workspace}/weights/")
+        return " ".join([command, *_config_paths(_config_of(command), workspace), "train.max_steps=1",
+                         "data.batch_size=4", "data.lanes=2", "data.workers=1", "eval.batch_size=8"])
     if re.search(r"\btrain --config |launch/multinode.sh |sbatch ", command):
         command = command.replace("--nproc_per_node 8", "--nproc_per_node 2")
         command = command.replace("--config_file launch/accelerate_8gpu.yaml",
@@ -133,6 +143,8 @@ def workspace(tmp_path_factory) -> Path:
                      classnames=["tench", "goldfish", "great white shark"])
     for name in ("configs", "launch", "bench"):
         (home / name).symlink_to(ROOT / name)
+    write_resnet50_state_dict(root / "weights/resnet50-0676ba61.pth")
+    write_tiny_distilbert(root / "weights/distilbert-base-uncased")
     bin_dir = root / "bin"
     bin_dir.mkdir()
     for name, text in SLURM_STANDINS.items():

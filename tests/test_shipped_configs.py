@@ -123,3 +123,25 @@ def test_config_starts_and_finishes_on_real_processes(standin, tmp_path, name, p
     evaluated = [json.loads(x)["dataset"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
                  if "eval" in json.loads(x)]
     assert evaluated == ["retrieval", "zeroshot"]
+
+
+@pytest.mark.parametrize("name", sorted(MEANT_FOR))
+def test_each_config_builds_its_own_model_on_the_cpu(name, tmp_path):
+    """The config's own architecture and towers (the paper's with stand-in weight files of the same
+    format), through the factory the trainer uses; one forward pass gives finite embeddings of its width."""
+    import open_clip
+    from PIL import Image
+
+    from clip_dro.models import build_model
+    from standins import paper_setup_overrides
+
+    extra = paper_setup_overrides(tmp_path) if name == "cc3m_isogclr" else []
+    cfg = load_config(CONFIGS_DIR / f"{name}.yaml", extra)
+    bundle = build_model(**dataclasses.asdict(cfg.model))
+    images = torch.stack([bundle.preprocess_eval(Image.new("RGB", (300, 200), colour)) for colour in ("red", "blue")])
+    with torch.no_grad():
+        image_features, text_features, _ = bundle.model.eval()(images, bundle.tokenizer(["a red square", "a blue disc"]))
+    width = open_clip.get_model_config(cfg.model.name)["embed_dim"]
+    assert image_features.shape == text_features.shape == (2, width)
+    assert torch.isfinite(image_features).all() and torch.isfinite(text_features).all()
+    assert not torch.allclose(image_features[0], image_features[1]), "the image tower ignores its input"
