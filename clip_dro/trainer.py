@@ -399,8 +399,8 @@ class Trainer:
                     window_start, window_samples = time.perf_counter(), 0
                 bar.update(1)
                 if cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0:
-                    self.saved_step = self.global_step
                     self.save(f"checkpoints/step-{self.global_step}")
+                    self.saved_step = self.global_step
                 if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0 and self.evaluate():
                     stopped = True
                 if stopped:

@@ -21,7 +21,7 @@ from clip_dro.evaluation.checkpoint import CheckpointError, load_checkpoint_mode
 from clip_dro.evaluation.run import EvalError, NonFiniteEmbeddingError, evaluate, evaluate_from_cli
 from clip_dro.models import build_model, register_model_configs
 from clip_dro.data.shard_reader import caption_lines
-from datagen import read_dataset
+from datagen import read_tar
 from evalgen import (bomb_png, brute_force_classification, brute_force_retrieval, make_checkpoint, make_imagefolder,
                      make_retrieval_set, make_train_set, make_zeroshot_shards, truncated_png)
 
@@ -31,7 +31,8 @@ TEMPLATES = ["a photo of a {c}.", "a {c} drawn in pencil"]
 
 def _read_shards(directory: Path) -> list[dict[str, bytes]]:
     """Each sample's members (ext -> bytes), read with the standard library."""
-    return [s["files"] for s in read_dataset(directory)]
+    shards = json.loads((directory / "manifest.json").read_text())["shards"]
+    return [files for shard in shards for files in read_tar(directory / shard["name"]).values()]
 
 
 def _open(data: bytes) -> Image.Image:

@@ -45,9 +45,9 @@ COMMANDS = [c for block in fenced_blocks(README, "bash") for c in shell_commands
 
 
 def _config_of(command: str) -> Path:
-    match = re.search(r"configs/(\S+)\.yaml|--config (\w+)", command)
+    match = re.search(r"configs/(\S+)\.yaml", command) or re.search(r"--config (\w+)(?:\s|$)", command)
     assert match, f"no config in {command!r}"
-    return ROOT / "configs" / f"{match.group(1) or match.group(2)}.yaml"
+    return ROOT / "configs" / f"{match.group(1)}.yaml"
 
 
 def _config_paths(config: Path, workspace: Path) -> list[str]:
