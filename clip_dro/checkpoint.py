@@ -93,10 +93,12 @@ class TrainerState:
 # Settings a resumed run may change: they do not alter what it computes (where files are, how often to log,
 # save and evaluate, what to evaluate, how many workers decode). data.batch_size and data.lanes are compared
 # as the global batch and the resolved number of lanes (TrainerState.check_same_sequence); the weights a
-# run started from are in the checkpoint.
-RESUMABLE_CHANGES = ("data.train", "data.batch_size", "data.lanes", "data.workers", "train.output_dir",
-                     "train.resume", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                     "train.eval_every", "train.collective_timeout_s", "eval.", "model.pretrained", "model.text_tower")
+# run started from are in the checkpoint. What to do with a bad sample or a non-finite batch may change too:
+# a run stopped by one resumes with data.on_bad_sample=skip (or train.on_nonfinite=skip) to get past it.
+RESUMABLE_CHANGES = ("data.train", "data.batch_size", "data.lanes", "data.workers", "data.on_bad_sample",
+                     "train.output_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.log_every", "train.eval_every", "train.collective_timeout_s", "train.on_nonfinite",
+                     "eval.", "model.pretrained", "model.text_tower")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -56,9 +56,11 @@ def test_resume_refuses_settings_that_change_the_run(data, full_run, tmp_path, c
 
 
 def test_resume_allows_what_cannot_change_the_run(data, full_run, tmp_path):
-    """Workers, logging, checkpoint cadence and the output directory change nothing: same final state."""
+    """Workers, logging, checkpoint cadence, the output directory and what to do with bad samples (on clean
+    data) change nothing: same final state."""
     resumed = run(data, tmp_path / "r", **{"train.resume": str(full_run / "checkpoints/step-3"), "data.workers": 2,
-                                           "train.log_every": 2, "train.checkpoint_every": 0})
+                                           "train.log_every": 2, "train.checkpoint_every": 0,
+                                           "data.on_bad_sample": "skip", "train.on_nonfinite": "skip"})
     assert_same_checkpoint(full_run / "final", resumed)
 
 
