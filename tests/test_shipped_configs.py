@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from evalgen import make_imagefolder, make_retrieval_set
 from test_trainer import cli
 from torchvision.transforms.functional import to_tensor
 
+ROOT = Path(__file__).resolve().parent.parent
 # The process counts each config is written for (its header comment says so).
 MEANT_FOR = {"tiny_cpu": (1, 2), "pretrained_cpu": (1, 2), "cc3m_isogclr": (1, 8, 32),
              "rn50_isogclr": (1, 8, 32), "vit_b32_isogclr": (1, 8, 32)}
@@ -145,3 +147,25 @@ def test_each_config_builds_its_own_model_on_the_cpu(name, tmp_path):
     assert image_features.shape == text_features.shape == (2, width)
     assert torch.isfinite(image_features).all() and torch.isfinite(text_features).all()
     assert not torch.allclose(image_features[0], image_features[1]), "the image tower ignores its input"
+
+
+@pytest.mark.parametrize("config", ["configs/rn50_isogclr.yaml", "configs/vit_b32_isogclr.yaml"])
+def test_open_clip_config_trains_a_step_with_its_own_model(standin, tmp_path, config):
+    """The config as shipped (its own architecture, precision, loss, workers) trains a step on the CPU and
+    evaluates; only the batch and lanes are scaled to the stand-in data."""
+    import open_clip
+
+    path = ROOT / config
+    cfg = load_config(path)
+    proc = cli(["train", "--config", str(path), f"data.train={standin / 'train'}", "data.batch_size=4",
+                "data.lanes=2", f"eval.retrieval=[{standin / 'retrieval'}]", f"eval.zeroshot=[{standin / 'zeroshot'}]",
+                "train.max_steps=1", f"train.output_dir={tmp_path / 'run'}"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    final = tmp_path / "run/final"
+    assert json.loads((final / "trainer_state.json").read_text())["global_step"] == 1
+    trained = torch.load(final / "model.pt")
+    model = open_clip.create_model(cfg.model.name, pretrained=str(final / "model.pt"))
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    evaluated = [json.loads(x)["dataset"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+                 if "eval" in json.loads(x)]
+    assert evaluated == ["retrieval", "zeroshot"]
