@@ -180,11 +180,12 @@ class Trainer:
         if acc.log_with:
             acc.init_trackers("clip_dro")
 
-    def _any_process(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on at least one process (a collective: every process must call it)."""
-        total = self.accelerator.reduce(torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device),
-                                        reduction="sum")
-        return bool(total.item() > 0)
+    def _sum_over_processes(self, *values: float) -> list[float]:
+        """Each value summed over all processes, in one all-reduce (a collective: every process must call
+        it), so that every process takes the same decision and none goes on alone into a collective."""
+        totals = self.accelerator.reduce(torch.tensor([float(v) for v in values], device=self.accelerator.device),
+                                         reduction="sum")
+        return totals.tolist()
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
@@ -234,7 +235,8 @@ class Trainer:
                 self._state().write(tmp_dir)  # last: its presence marks the checkpoint complete
         except Exception as exc:  # noqa: BLE001  a full disk or a file-size limit surfaces as OSError,
             error = exc           # RuntimeError (torch) or SafetensorError: every process must hear of it
-        if self._any_process(error is not None):
+        (failed,) = self._sum_over_processes(error is not None)
+        if failed:
             if acc.is_main_process:
                 shutil.rmtree(tmp_dir, ignore_errors=True)
             reason = (_first_line(error) if error is not None else "another process could not write its part")
@@ -262,21 +264,12 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------------------
 
-    def _flags(self, features_finite: bool, stop_requested: bool) -> tuple[bool, bool]:
-        """Agree across processes on whether this step's features are finite and whether to stop, so that no
-        rank goes on alone into a collective."""
-        flags = torch.tensor([0.0 if features_finite else 1.0, 1.0 if stop_requested else 0.0],
-                             device=self.accelerator.device)
-        flags = self.accelerator.reduce(flags, reduction="sum")
-        return bool(flags[0] == 0), bool(flags[1] > 0)
-
     def _skip_bad_samples(self, batch: TrainBatch, stop_requested: bool) -> tuple[bool, bool]:
         """Agree, before the forward pass, whether any process's batch holds bad samples; such a step is
         skipped everywhere and counted. Returns (skipped, stop)."""
         acc = self.accelerator
-        flags = acc.reduce(torch.tensor([float(len(batch.bad)), 1.0 if stop_requested else 0.0],
-                                        device=acc.device), reduction="sum")
-        bad, stop = int(flags[0].item()), bool(flags[1] > 0)
+        bad, stops = self._sum_over_processes(len(batch.bad), stop_requested)
+        bad, stop = int(bad), stops > 0
         if bad:
             self._log({"step": self.global_step + 1, "skipped_samples": bad, "skipped_examples": list(batch.bad[:5])})
             acc.print(f"warning: step {self.global_step + 1} skipped: {bad} bad samples"
@@ -306,8 +299,9 @@ class Trainer:
         finite = bool(torch.isfinite(image_features).all() and torch.isfinite(text_features).all())
         # The stop flag is read here, after the forward pass: a signal that arrives during this step stops
         # the run after it, on every process at once.
-        finite, stop = self._flags(finite, stop_signal[0])
-        if not finite:
+        nonfinite, stops = self._sum_over_processes(not finite, stop_signal[0])
+        stop = stops > 0
+        if nonfinite:
             self._nonfinite("features", batch)
             return None, stop
         # Per-sample state updates inside the loss never see non-finite features (checked above).

@@ -18,7 +18,7 @@ from typing import Optional
 
 from PIL import Image
 
-from clip_dro.data.shard_reader import WHITE, has_transparency, to_rgb
+from clip_dro.data.shard_reader import DECODE_ERRORS, WHITE, has_transparency, to_rgb
 
 # Formats a sample may carry unchanged (SPEC 3.1); anything else is re-encoded as JPEG.
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -87,7 +87,7 @@ def encode_bytes(data: bytes, options: ImageOptions = ImageOptions()) -> Encoded
         transparent = has_transparency(image)
         if target is not None or transparent or image_format not in KEPT_FORMATS:
             rgb = to_rgb(image, options.background)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+    except DECODE_ERRORS as exc:
         raise BadImage(f"undecodable image ({' '.join(str(exc).split())})") from None
     if target is not None:
         rgb = rgb.resize(target, RESAMPLE)

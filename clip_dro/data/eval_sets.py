@@ -22,7 +22,6 @@ temporary directory (removed at exit), from which everything above works unchang
 from __future__ import annotations
 
 import atexit
-import io
 import re
 import shutil
 import tarfile
@@ -37,7 +36,8 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import base_plus_ext
 
-from clip_dro.data.shard_reader import WHITE, image_extension, parse_sample, sample_meta, shard_samples, to_rgb
+from clip_dro.data.shard_reader import (DECODE_ERRORS, decode_rgb, image_extension, parse_sample, sample_meta,
+                                       shard_samples)
 from clip_dro.errors import UserError
 from clip_dro.manifest import (IMAGE_EXTENSIONS, MANIFEST_NAME, Location, LocationError, Manifest, is_url,
                                join_location, load_manifest, location_name, open_location)
@@ -92,21 +92,17 @@ class BadImage:
     reason: str
 
 
-# What reading and decoding a damaged image raises: OSError for an unreadable file and for PIL's truncated or
-# broken data; tarfile.TarError for a shard member cut short; DecompressionBombError (not an OSError) for an
-# image of more than twice PIL's MAX_IMAGE_PIXELS; SyntaxError, ValueError and EOFError for what some PIL
-# plugins raise on malformed headers.
-_DECODE_ERRORS = (OSError, tarfile.TarError, Image.DecompressionBombError, SyntaxError, ValueError, EOFError)
+# Reading adds OSError for an unreadable file and tarfile.TarError for a shard member cut short.
+_READ_ERRORS = (*DECODE_ERRORS, tarfile.TarError)
 
 
 def decode_image(ref: ImageRef) -> Image.Image | BadImage:
     """The RGB image at ``ref``, or a :class:`BadImage` saying why there is none."""
     try:
-        with Image.open(io.BytesIO(ref.read())) as img:
-            return to_rgb(img, WHITE)
+        return decode_rgb(ref.read())
     except UnidentifiedImageError:  # its own message names only the in-memory buffer
         return BadImage(ref.where, "UnidentifiedImageError: not an image format PIL recognizes")
-    except _DECODE_ERRORS as exc:
+    except _READ_ERRORS as exc:
         return BadImage(ref.where, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
 
 

@@ -72,8 +72,14 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Imag
     return canvas.convert("RGB")
 
 
+# What decoding a damaged image raises: OSError for PIL's truncated or broken data; DecompressionBombError
+# (not an OSError) for an image of more than twice PIL's MAX_IMAGE_PIXELS; SyntaxError, ValueError and
+# EOFError for what some PIL plugins raise on malformed headers.
+DECODE_ERRORS = (OSError, Image.DecompressionBombError, SyntaxError, ValueError, EOFError)
+
+
 def decode_rgb(data: bytes, background: tuple[int, int, int] = WHITE) -> Image.Image:
-    """Decode image bytes fully into RGB (see ``to_rgb``); PIL's errors propagate."""
+    """Decode image bytes fully into RGB (see ``to_rgb``); PIL's errors (``DECODE_ERRORS``) propagate."""
     with Image.open(io.BytesIO(data)) as image:
         image.load()
         return to_rgb(image, background)

@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip_dro.data import lanes as plan
-from clip_dro.data.shard_reader import WHITE, RawSample, ShardDataError, decode_rgb, parse_background, raw_sample, \
+from clip_dro.data.shard_reader import DECODE_ERRORS, WHITE, RawSample, ShardDataError, decode_rgb, parse_background, raw_sample, \
     shard_samples
 from clip_dro.errors import UserError
 from clip_dro.manifest import Location, Manifest, as_location, join_location, load_manifest
@@ -291,7 +291,7 @@ class TrainLoader:
     def _decode_image(self, s: RawSample) -> Image.Image:
         try:
             return decode_rgb(s.image, self.background)
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        except DECODE_ERRORS as exc:
             raise ShardDataError(f"shard {s.shard}, sample key {s.key}: undecodable image ({exc})") from None
 
 
