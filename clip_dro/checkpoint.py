@@ -1,10 +1,12 @@
-"""Checkpoint directories of a run (SPEC 6): written atomically, found again for resuming, and checked against
-the dataset they are resumed on.
+"""Checkpoint directories of a run (SPEC 4.6, 6): written by every process in parallel and atomically, found
+again for resuming, checked against the dataset they are resumed on, and loaded at any number of processes.
 
 A checkpoint directory holds accelerate's state (model, optimizer, gradient scaler, every process's RNG),
-``loss_state.pt`` (all per-sample state of the loss), ``trainer_state.json`` (position in the data, schedule,
-dataset fingerprint), ``model.pt`` (an open_clip state dict), ``config.yaml`` and, for runs with per-sample
-temperatures, ``temperatures.csv``.
+``loss_state/shard-R-of-W.pt`` (process R's shard of the loss's per-sample state, written by R),
+``trainer_state.json`` (position in the data, schedule, dataset fingerprint), ``model.pt`` (an open_clip state
+dict), ``config.yaml`` and, for runs with per-sample temperatures, ``temperatures/shard-R-of-W.npz`` (arrays
+``image_index``, ``image_tau``, ``text_index``, ``text_tau`` of the ids process R owns) plus, while it stays
+small (``CSV_MAX_ROWS``), ``temperatures.csv`` with every row (``side,index,tau``).
 """
 from __future__ import annotations
 
@@ -13,17 +15,27 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import reduce
 
-from clip_dro.errors import UserError
+from clip_dro.config import Config, save_config
+from clip_dro.errors import UserError, first_line
+from clip_dro.losses import ContrastiveLoss
+from clip_dro.losses.state import StateShard, reshard
 
 TRAINER_STATE = "trainer_state.json"
-LOSS_STATE = "loss_state.pt"
+LOSS_STATE_DIR = "loss_state"
+LEGACY_LOSS_STATE = "loss_state.pt"  # one file, written by rank 0 before the state was sharded
 MODEL_FILE = "model.pt"
+TEMPERATURES_DIR = "temperatures"
 TEMPERATURES_FILE = "temperatures.csv"
+CSV_MAX_ROWS = 1_000_000  # ~25 MB of CSV; beyond it only the per-shard .npz files are written
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_SHARD_FILE = re.compile(r"^shard-(\d+)-of-(\d+)\.(pt|npz)$")
 
 
 class CheckpointError(UserError):
@@ -98,7 +110,7 @@ class TrainerState:
 RESUMABLE_CHANGES = ("data.train", "data.batch_size", "data.lanes", "data.workers", "data.on_bad_sample",
                      "train.output_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.log_every", "train.eval_every", "train.collective_timeout_s", "train.on_nonfinite",
-                     "eval.", "model.pretrained", "model.text_tower")
+                     "eval.", "model.pretrained", "model.text_tower", "loss.state_device")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -151,13 +163,139 @@ def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
     return path
 
 
-def write_temperatures(path: Path, tau_img: torch.Tensor, tau_txt: torch.Tensor) -> None:
-    """``side,index,tau`` rows for every image and text (SPEC 5)."""
+def shard_name(rank: int, world: int, suffix: str) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.{suffix}"
+
+
+def shard_files(directory: Path, suffix: str) -> list[Path]:
+    """The complete set of ``shard-R-of-W.<suffix>`` files in ``directory``, by rank; a set with a file
+    missing (or of two sizes) is a damaged checkpoint."""
+    found = {}
+    for path in directory.iterdir() if directory.is_dir() else ():
+        match = _SHARD_FILE.match(path.name)
+        if match and match.group(3) == suffix:
+            found[path] = (int(match.group(1)), int(match.group(2)))
+    worlds = {world for _, world in found.values()}
+    if len(worlds) != 1 or sorted(rank for rank, _ in found.values()) != list(range(next(iter(worlds)))):
+        raise CheckpointError(f"{directory} does not hold one complete set of shard-R-of-W.{suffix} files "
+                              f"(found {sorted(p.name for p in found) or 'none'})")
+    return sorted(found, key=lambda p: found[p][0])
+
+
+def write_temperature_shard(path: Path, owned: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """``image_index``, ``image_tau``, ``text_index``, ``text_tau`` of the ids one process owns."""
+    arrays = {}
+    for side, (index, tau) in owned.items():
+        arrays[f"{side}_index"] = index.cpu().numpy().astype(np.int64)
+        arrays[f"{side}_tau"] = tau.detach().float().cpu().numpy()
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def temperature_shards_to_csv(shards: list[Path], path: Path) -> None:
+    """``side,index,tau`` rows for every image and text (SPEC 5), sorted by side and index."""
     import pandas as pd
 
-    frames = [pd.DataFrame({"side": side, "index": range(len(tau)), "tau": tau.detach().float().cpu().numpy()})
-              for side, tau in (("image", tau_img), ("text", tau_txt))]
+    frames = []
+    for side in ("image", "text"):
+        parts = [np.load(shard) for shard in shards]
+        index = np.concatenate([p[f"{side}_index"] for p in parts])
+        tau = np.concatenate([p[f"{side}_tau"] for p in parts])
+        order = np.argsort(index, kind="stable")
+        frames.append(pd.DataFrame({"side": side, "index": index[order], "tau": tau[order]}))
     pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+
+
+def sum_over_processes(device: torch.device, *values: float) -> list[float]:
+    """Each value summed over all processes, in one all-reduce (a collective: every process must call it), so
+    that every process takes the same decision and none goes on alone into a collective."""
+    return reduce(torch.tensor([float(v) for v in values], device=device), reduction="sum").tolist()
+
+
+def _agree_written(acc: Accelerator, error: Optional[Exception], tmp_dir: Path, final_dir: Path) -> None:
+    """Every process learns whether any failed to write its part; if one did, the partial checkpoint goes and
+    the previous one stays the latest."""
+    (failed,) = sum_over_processes(acc.device, error is not None)
+    if failed:
+        if acc.is_main_process:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        reason = first_line(error) if error is not None else "another process could not write its part"
+        raise CheckpointError(f"cannot write checkpoint {final_dir} ({reason}); the previous checkpoint is "
+                              "intact: free space and resume with train.resume=latest")
+
+
+def save_checkpoint(acc: Accelerator, final_dir: Path, loss_fn: ContrastiveLoss, open_clip_state: Callable[[], dict],
+                    config: Config, trainer_state: TrainerState, per_sample_tau: bool) -> Path:
+    """Write checkpoint ``final_dir`` under a temporary name, then move it into place, so that an interrupted
+    save never looks like a complete checkpoint. Every process writes its own shard of the loss state (and of
+    the temperatures) in parallel; the main process writes what is shared and, last, ``trainer_state.json``.
+    A collective: every process must call it."""
+    tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
+    rank, world = acc.process_index, acc.num_processes
+    if acc.is_main_process:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        for sub in (LOSS_STATE_DIR, TEMPERATURES_DIR) if per_sample_tau else (LOSS_STATE_DIR,):
+            (tmp_dir / sub).mkdir(parents=True)
+    acc.wait_for_everyone()
+    error: Optional[Exception] = None
+    try:
+        acc.save_state(str(tmp_dir))
+        # On the CPU: a multi-process CPU run tags its tensors cpu:0, a location torch.load cannot restore.
+        torch.save({k: v.cpu() for k, v in loss_fn.state_dict().items()},
+                   tmp_dir / LOSS_STATE_DIR / shard_name(rank, world, "pt"))
+        if per_sample_tau:
+            write_temperature_shard(tmp_dir / TEMPERATURES_DIR / shard_name(rank, world, "npz"),
+                                    loss_fn.owned_temperatures())
+    except Exception as exc:  # noqa: BLE001  a full disk or a file-size limit surfaces as OSError,
+        error = exc           # RuntimeError (torch) or SafetensorError: every process must hear of it
+    _agree_written(acc, error, tmp_dir, final_dir)
+    if acc.is_main_process:
+        try:
+            torch.save(open_clip_state(), tmp_dir / MODEL_FILE)
+            save_config(config, tmp_dir / "config.yaml")
+            if per_sample_tau and trainer_state.num_images + trainer_state.num_texts <= CSV_MAX_ROWS:
+                temperature_shards_to_csv(shard_files(tmp_dir / TEMPERATURES_DIR, "npz"),
+                                          tmp_dir / TEMPERATURES_FILE)
+            trainer_state.write(tmp_dir)  # last: its presence marks the checkpoint complete
+        except Exception as exc:  # noqa: BLE001  as above
+            error = exc
+    _agree_written(acc, error, tmp_dir, final_dir)
+    if acc.is_main_process:
+        publish(tmp_dir, final_dir)
+    acc.wait_for_everyone()
+    return final_dir
+
+
+def loss_state_shards(directory: Path) -> list[dict]:
+    """The loss-state shards of a checkpoint (memory-mapped: a process reads only the ids it will own)."""
+    legacy = directory / LEGACY_LOSS_STATE
+    paths = [legacy] if legacy.is_file() else shard_files(directory / LOSS_STATE_DIR, "pt")
+    return [torch.load(path, map_location="cpu", mmap=True) for path in paths]
+
+
+def read_loss_state(directory: Path) -> dict:
+    """A checkpoint's loss state for every id, as one process holds it, whatever number of processes wrote it
+    (for analysis and comparisons; training resumes through :func:`load_checkpoint`)."""
+    shards = loss_state_shards(directory)
+    sizes = shards[0]["sizes"]
+    state = reshard(shards, {"img.": int(sizes[0]), "txt.": int(sizes[1])}, StateShard())
+    state["shard_layout"] = torch.tensor([0, 1])
+    return state
+
+
+def load_checkpoint(acc: Accelerator, directory: Path, loss_fn: ContrastiveLoss) -> TrainerState:
+    """Restore accelerate's state and this process's shard of the loss state (re-sharded when the checkpoint
+    was written by another number of processes); returns the trainer state."""
+    state = TrainerState.read(directory)
+    try:
+        acc.load_state(str(directory))
+        loss_fn.load_state_shards(loss_state_shards(directory))
+    except UserError:
+        raise
+    except Exception as exc:  # truncated or damaged files: torch, safetensors and pickle raise many kinds
+        raise CheckpointError(f"checkpoint {directory} cannot be loaded ({first_line(exc)}); resume from "
+                              "another checkpoint (train.resume=PATH)") from None
+    return state
 
 
 def publish(tmp_dir: Path, final_dir: Path) -> None:

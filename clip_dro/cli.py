@@ -10,7 +10,8 @@ from typing import Callable, Optional
 from clip_dro.errors import UserError
 
 
-QUICK_BENCH = dict(loss_batch_sizes=(256,), train_batch=32, prep_images=200)
+QUICK_BENCH = dict(loss_batch_sizes=(256,), train_batch=32, prep_images=200, state_ids=10_000,
+                   checkpoint_ids=100_000)
 
 
 def _call(module: str, function: str, **kwargs) -> object:
@@ -105,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--setup", choices=["scratch", "pretrained"], default="scratch",
                    help="scratch: a tiny ViT from random weights (tiny_cpu.yaml, default); pretrained: "
                         "EfficientNet-Lite0 + MiniLM fine-tuned (pretrained_cpu.yaml)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="training seed (default 0): the same data, another initialization and batch order")
     p.set_defaults(run=lambda a: _call("clip_dro.quickstart", "run_quickstart", output=a.output, steps=a.steps,
-                                       num_train=a.num_train, setup=a.setup))
+                                       num_train=a.num_train, setup=a.setup, seed=a.seed))
 
     p = sub.add_parser("bench", help="benchmark suite: loss step, train step, loader, prep (ratios)")
     p.add_argument("--output", type=Path, default=Path("bench.json"))

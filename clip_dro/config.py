@@ -111,6 +111,13 @@ class LossConfig:
     gamma_schedule: Literal["constant", "cosine"] = "constant"
     gamma_decay_epochs: float = 1.0
     tau_warmup_steps: int = 0
+    # Where each process keeps its shard of the per-sample state: with the model, or in host memory (the
+    # batch's rows travel to the accelerator and back each step), for datasets whose state would not fit.
+    state_device: Literal["accelerator", "cpu"] = "accelerator"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The keywords of the loss's mathematics (all but the name and where the state lives)."""
+        return {k: v for k, v in vars(self).items() if k not in ("name", "state_device")}
 
 
 @dataclass
@@ -216,7 +223,7 @@ def validate(cfg: Config) -> Config:
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
     _check(cfg.eval.workers >= 0, "eval.workers", cfg.eval.workers, "must be >= 0")
     try:
-        check_hyperparameters(**{k: v for k, v in vars(cfg.loss).items() if k != "name"})
+        check_hyperparameters(**cfg.loss.hyperparameters())
     except UserError as exc:
         raise ConfigError(str(exc)) from None
     return cfg

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from clip_dro.checkpoint import MODEL_FILE, TEMPERATURES_FILE, CheckpointError
+from clip_dro.checkpoint import MODEL_FILE, TEMPERATURES_DIR, CheckpointError
 from clip_dro.config import Config, load_config
 from clip_dro.errors import UserError
 from clip_dro.evaluation.checkpoint import load_checkpoint_model
@@ -35,8 +35,8 @@ SIDES = {"img": "image", "txt": "text"}
 def _temperatures(cfg: Config, final: Path, output: Path) -> dict[str, Optional[float]]:
     """Mean τ per side and, for per-sample temperatures, their rank correlation with concept frequency."""
     row: dict[str, Optional[float]] = {}
-    if (final / TEMPERATURES_FILE).is_file():
-        summary = analyze_temperatures(final / TEMPERATURES_FILE, cfg.data.train, output)
+    if (final / TEMPERATURES_DIR).is_dir():
+        summary = analyze_temperatures(final, cfg.data.train, output)
         freq = summary["concept_frequency"] or {}
         for short, side in SIDES.items():
             correlation = freq.get(side) or {}
@@ -85,9 +85,10 @@ def _plot(table: dict[str, dict[str, Any]], path: Path, setup: str) -> None:
 
 
 def run_quickstart(output: Path, steps: Optional[int] = None, num_train: Optional[int] = None,
-                   setup: str = "scratch") -> dict[str, dict]:
+                   setup: str = "scratch", seed: int = 0) -> dict[str, dict]:
     """Run the comparison into ``output`` with the config of ``setup`` (``SETUPS``); ``steps`` and
-    ``num_train`` shrink it (the tests use that)."""
+    ``num_train`` shrink it (the tests use that); ``seed`` is the training seed (``train.seed``: the same
+    data, another initialization and batch order), to see the spread between runs."""
     if setup not in SETUPS:
         raise UserError(f"--setup {setup!r}: must be one of {', '.join(SETUPS)}")
     from data_prep.synthetic import prep_synthetic
@@ -98,7 +99,7 @@ def run_quickstart(output: Path, steps: Optional[int] = None, num_train: Optiona
     table: dict[str, dict[str, Any]] = {}
     for loss in LOSSES:
         overrides = [f"loss.name={loss}", f"data.train={data / 'train'}", f"train.output_dir={output / 'runs' / loss}",
-                     "eval.retrieval=[]", "eval.zeroshot=[]", "train.resume=latest"]
+                     "eval.retrieval=[]", "eval.zeroshot=[]", "train.resume=latest", f"train.seed={seed}"]
         if steps is not None:
             overrides.append(f"train.max_steps={steps}")
         cfg = load_config(CONFIGS_DIR / f"{SETUPS[setup]}.yaml", overrides)

@@ -8,25 +8,24 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import signal
 import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from clip_dro.checkpoint import (LOSS_STATE, MODEL_FILE, TEMPERATURES_FILE, CheckpointError, TrainerState,
-                                 check_same_settings, prune, publish, resolve_resume, write_temperatures)
+from clip_dro.checkpoint import (CheckpointError, TrainerState, check_same_settings, load_checkpoint, prune,
+                                 resolve_resume, save_checkpoint, sum_over_processes)
 from clip_dro.config import Config, load_config, save_config
 from clip_dro.data.train_loader import TrainBatch, TrainLoader, check_layout
-from clip_dro.errors import UserError
-from clip_dro.evaluation.run import evaluate_sets, prepare_eval_sets
+from clip_dro.errors import UserError, first_line
+from clip_dro.evaluation.periodic import PeriodicEvaluation, describe
 from clip_dro.losses import build_loss
 from clip_dro.manifest import load_manifest
 from clip_dro.models import build_model
@@ -65,45 +64,23 @@ def _accelerator(precision: str, run_dir: Path, collective_timeout_s: int) -> Ac
 
 
 @contextmanager
-def _on_stop_signals(handler: Callable) -> Iterator[None]:
-    """``handler`` for Ctrl-C (SIGINT) and a scheduler's SIGTERM while the block runs."""
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.getsignal(s) for s in signals}
-    for s in signals:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-@contextmanager
 def _stop_on_signal() -> Iterator[list[bool]]:
-    """A stop signal becomes a flag checked between steps, so that the step in flight completes and a
-    consistent checkpoint can be written."""
+    """Ctrl-C (SIGINT) and a scheduler's SIGTERM become a flag, read after each step's forward pass and between
+    evaluation batches, so that the step in flight completes and a consistent checkpoint can be written."""
     flag = [False]
 
     def handler(signum, frame):
         flag[0] = True
 
-    with _on_stop_signals(handler):
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+    for s in signals:
+        signal.signal(s, handler)
+    try:
         yield flag
-
-
-def _abort_on_signal() -> ContextManager[None]:
-    """During evaluation a stop signal ends it at once (KeyboardInterrupt): evaluation holds no training
-    state, and a scheduler's grace period is better spent writing the checkpoint."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    return _on_stop_signals(handler)
-
-
-def _first_line(exc: BaseException) -> str:
-    """``Type: first line of the message``, short: for one-line reports of errors from libraries."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _forget_metrics_after(path: Path, step: int) -> None:
@@ -138,7 +115,8 @@ class Trainer:
                                   acc.num_processes, cfg.data.workers, cfg.data.lanes)
         self.global_batch = cfg.data.batch_size * acc.num_processes
         # Checked now (no image is decoded) so that a bad eval set fails before training, not after it.
-        self.eval_sets = prepare_eval_sets(cfg.eval.retrieval, cfg.eval.zeroshot)
+        self.evaluation = PeriodicEvaluation(cfg.eval.retrieval, cfg.eval.zeroshot, cfg.eval.batch_size,
+                                             cfg.eval.workers, cfg.eval.on_bad_image)
         self.resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         if self.resume_from is not None:
             self._check_resumable(self.resume_from)
@@ -158,9 +136,8 @@ class Trainer:
                                   world_size=acc.num_processes, workers=cfg.data.workers, lanes=self.lanes,
                                   shuffle_buffer=cfg.data.shuffle_buffer, background=cfg.data.background,
                                   on_bad_sample=cfg.data.on_bad_sample)
-        loss_kwargs = {k: v for k, v in vars(cfg.loss).items() if k != "name"}
         self.loss_fn = build_loss(cfg.loss.name, self.manifest.num_images, self.manifest.num_texts,
-                                  **loss_kwargs).to(acc.device)
+                                  state_device=cfg.loss.state_device, **cfg.loss.hyperparameters()).to(acc.device)
 
         self.total_steps = cfg.train.max_steps or sum(self.loader.steps_in_epoch(e) for e in range(cfg.train.epochs))
         if self.total_steps < 1:
@@ -179,13 +156,6 @@ class Trainer:
             _forget_metrics_after(self.run_dir / "metrics.jsonl", self.global_step)
         if acc.log_with:
             acc.init_trackers("clip_dro")
-
-    def _sum_over_processes(self, *values: float) -> list[float]:
-        """Each value summed over all processes, in one all-reduce (a collective: every process must call
-        it), so that every process takes the same decision and none goes on alone into a collective."""
-        totals = self.accelerator.reduce(torch.tensor([float(v) for v in values], device=self.accelerator.device),
-                                         reduction="sum")
-        return totals.tolist()
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
@@ -213,51 +183,17 @@ class Trainer:
         return state
 
     def save(self, name: str) -> Path:
-        """Write ``name`` (``checkpoints/step-N`` or ``final``) under a temporary name, then move it into place,
-        so that an interrupted save never looks like a complete checkpoint."""
-        acc = self.accelerator
-        final_dir = self.run_dir / name
-        tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
-        if acc.is_main_process:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            tmp_dir.parent.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
-        error: Optional[Exception] = None
-        try:
-            acc.save_state(str(tmp_dir))
-            if acc.is_main_process:
-                # On the CPU: a multi-process CPU run tags its tensors cpu:0, a location torch.load cannot restore.
-                torch.save({k: v.cpu() for k, v in self.loss_fn.state_dict().items()}, tmp_dir / LOSS_STATE)
-                torch.save(self._open_clip_state_dict(), tmp_dir / MODEL_FILE)
-                save_config(self.cfg, tmp_dir / "config.yaml")
-                if self.cfg.loss.name in PER_SAMPLE_TEMPERATURE_LOSSES:
-                    write_temperatures(tmp_dir / TEMPERATURES_FILE, self.loss_fn.tau_img, self.loss_fn.tau_txt)
-                self._state().write(tmp_dir)  # last: its presence marks the checkpoint complete
-        except Exception as exc:  # noqa: BLE001  a full disk or a file-size limit surfaces as OSError,
-            error = exc           # RuntimeError (torch) or SafetensorError: every process must hear of it
-        (failed,) = self._sum_over_processes(error is not None)
-        if failed:
-            if acc.is_main_process:
-                shutil.rmtree(tmp_dir, ignore_errors=True)
-            reason = (_first_line(error) if error is not None else "another process could not write its part")
-            raise CheckpointError(f"cannot write checkpoint {final_dir} ({reason}); the previous checkpoint is "
-                                  "intact: free space and resume with train.resume=latest")
-        if acc.is_main_process:
-            publish(tmp_dir, final_dir)
+        """Write checkpoint ``name`` (``checkpoints/step-N`` or ``final``), every process its part, and keep
+        the newest ``train.keep_checkpoints``."""
+        final_dir = save_checkpoint(self.accelerator, self.run_dir / name, self.loss_fn, self._open_clip_state_dict,
+                                    self.cfg, self._state(), self.cfg.loss.name in PER_SAMPLE_TEMPERATURE_LOSSES)
+        if self.accelerator.is_main_process:
             prune(self.run_dir, self.cfg.train.keep_checkpoints)
-        acc.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         return final_dir
 
     def _load(self, directory: Path) -> None:
-        state = TrainerState.read(directory)
-        try:
-            self.accelerator.load_state(str(directory))
-            self.loss_fn.load_state_dict(torch.load(directory / LOSS_STATE, map_location="cpu"))
-        except UserError:
-            raise
-        except Exception as exc:  # truncated or damaged files: torch, safetensors and pickle raise many kinds
-            raise CheckpointError(f"checkpoint {directory} cannot be loaded ({_first_line(exc)}); resume from "
-                                  "another checkpoint (train.resume=PATH)") from None
+        state = load_checkpoint(self.accelerator, directory, self.loss_fn)
         self.scheduler.load_state_dict(state.scheduler)
         self.global_step, self.epoch, self.step_in_epoch = state.global_step, state.epoch, state.step_in_epoch
         self.accelerator.print(f"resumed from {directory} at step {self.global_step}")
@@ -268,7 +204,7 @@ class Trainer:
         """Agree, before the forward pass, whether any process's batch holds bad samples; such a step is
         skipped everywhere and counted. Returns (skipped, stop)."""
         acc = self.accelerator
-        bad, stops = self._sum_over_processes(len(batch.bad), stop_requested)
+        bad, stops = sum_over_processes(self.accelerator.device, len(batch.bad), stop_requested)
         bad, stop = int(bad), stops > 0
         if bad:
             self._log({"step": self.global_step + 1, "skipped_samples": bad, "skipped_examples": list(batch.bad[:5])})
@@ -299,7 +235,7 @@ class Trainer:
         finite = bool(torch.isfinite(image_features).all() and torch.isfinite(text_features).all())
         # The stop flag is read here, after the forward pass: a signal that arrives during this step stops
         # the run after it, on every process at once.
-        nonfinite, stops = self._sum_over_processes(not finite, stop_signal[0])
+        nonfinite, stops = sum_over_processes(self.accelerator.device, not finite, stop_signal[0])
         stop = stops > 0
         if nonfinite:
             self._nonfinite("features", batch)
@@ -331,36 +267,21 @@ class Trainer:
             self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                                  step=self.global_step)
 
-    def evaluate(self) -> bool:
-        """Evaluate on the main process while the others wait; returns whether a stop signal cut it short
-        (the same answer on every process). An evaluation error stops every process with its message."""
-        retrieval_sets, zeroshot_sets = self.eval_sets
-        if not (retrieval_sets or zeroshot_sets):
+    def evaluate(self, stop_signal: list[bool]) -> bool:
+        """Evaluate on every process; returns whether a stop signal cut it short (the same answer on every
+        process). An evaluation error stops every process with its message."""
+        if not self.evaluation:
             return False
         acc = self.accelerator
-        interrupted, error = False, ""
-        if acc.is_main_process:
-            try:
-                with _abort_on_signal():
-                    results = evaluate_sets(acc.unwrap_model(self.model), self.bundle.tokenizer,
-                                            self.bundle.preprocess_eval, retrieval_sets, zeroshot_sets,
-                                            self.cfg.eval.batch_size, acc.device, workers=self.cfg.eval.workers,
-                                            on_bad_image=self.cfg.eval.on_bad_image)
-                for result in results:
-                    self._log({"step": self.global_step, "eval": result["task"], "dataset": result["dataset"],
-                               **result["metrics"], "skipped_images": result["skipped_images"]})
-                    skipped = (f" ({result['skipped_images']} undecodable images skipped)"
-                               if result["skipped_images"] else "")
-                    acc.print(f"eval {result['dataset']} ({result['task']}) at step {self.global_step}: "
-                              + ", ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items()) + skipped)
-            except KeyboardInterrupt:
-                interrupted = True
-            except UserError as exc:
-                error = str(exc)
-        ((interrupted, error),) = broadcast_object_list([(interrupted, error)])
-        if error:
-            raise UserError(error)
-        return interrupted
+        results = self.evaluation.run(acc.unwrap_model(self.model), self.bundle.tokenizer,
+                                      self.bundle.preprocess_eval, acc.device, should_stop=lambda: stop_signal[0])
+        if results is None:
+            return True
+        for result in results:
+            self._log({"step": self.global_step, "eval": result["task"], "dataset": result["dataset"],
+                       **result["metrics"], "skipped_images": result["skipped_images"]})
+            acc.print(describe(result, self.global_step))
+        return False
 
     def _log_step(self, loss: float, window_samples: int, elapsed: float, bar: tqdm) -> None:
         metrics = {"step": self.global_step, "epoch": self.epoch, "loss": loss, "lr": self.scheduler.get_last_lr()[0],
@@ -395,7 +316,7 @@ class Trainer:
                 if cfg.train.checkpoint_every and self.global_step % cfg.train.checkpoint_every == 0:
                     self.save(f"checkpoints/step-{self.global_step}")
                     self.saved_step = self.global_step
-                if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0 and self.evaluate():
+                if cfg.train.eval_every and self.global_step % cfg.train.eval_every == 0 and self.evaluate(stop_signal):
                     stopped = True
                 if stopped:
                     return True
@@ -422,7 +343,7 @@ class Trainer:
             final = self.run_dir / "final"
             if self.saved_step != self.global_step or self.resume_from != final:
                 self.save("final")
-            interrupted = self.evaluate()
+            interrupted = self.evaluate(stop_signal)
         acc.end_training()
         if interrupted:
             acc.print(f"evaluation interrupted; the run is complete in {final}: evaluate it with clip-dro eval")
@@ -462,7 +383,7 @@ def train(cfg: Config) -> Path:
         if not _is_collective_failure(exc):
             raise
         # A peer that died or hung (past train.collective_timeout_s): say so in one line, not a C++ trace.
-        raise UserError(f"a collective failed: another process died or stopped answering ({_first_line(exc)})"
+        raise UserError(f"a collective failed: another process died or stopped answering ({first_line(exc)})"
                         ) from None
 
 

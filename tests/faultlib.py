@@ -22,7 +22,7 @@ from typing import Optional
 import psutil
 import torch
 
-from clip_dro.checkpoint import resolve_resume
+from clip_dro.checkpoint import read_loss_state, resolve_resume
 
 TESTS = Path(__file__).resolve().parent
 TINY = TESTS.parent / "configs/tiny_cpu.yaml"
@@ -97,8 +97,8 @@ def one_error_line(stderr: str) -> str:
 
 def assert_same_run(reference: Path, resumed: Path) -> None:
     """Weights, per-sample state (every τ and s) and optimizer state equal the uninterrupted run's, exactly."""
-    for name in ("model.pt", "loss_state.pt"):
-        a, b = torch.load(reference / name), torch.load(resumed / name)
+    for name, read in (("model.pt", lambda d: torch.load(d / "model.pt")), ("loss state", read_loss_state)):
+        a, b = read(reference), read(resumed)
         assert a.keys() == b.keys(), name
         for k in a:
             assert torch.equal(a[k], b[k]), f"{name}: {k} differs from the uninterrupted run"

@@ -11,6 +11,8 @@ from clip_dro.data.train_loader import LoaderError
 from clip_dro.models import build_model
 from test_trainer import TINY, assert_same_checkpoint, cli, overrides, run
 
+SHARD = "loss_state/shard-00000-of-00001.pt"
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -86,7 +88,8 @@ def test_nonfinite_loss_is_one_line(data, tmp_path):
 @pytest.mark.parametrize("damage, fragment", [
     (lambda c: (c / "trainer_state.json").write_text('{"global_step": 3,'), "trainer_state.json is damaged"),
     (lambda c: (c / "trainer_state.json").write_text('{"global_step": 3}'), "lacks dataset_id"),
-    (lambda c: (c / "loss_state.pt").write_bytes((c / "loss_state.pt").read_bytes()[:100]), "cannot be loaded"),
+    (lambda c: (c / SHARD).write_bytes((c / SHARD).read_bytes()[:100]), "cannot be loaded"),
+    (lambda c: (c / SHARD).unlink(), "does not hold one complete set"),
     (lambda c: (c / "config.yaml").write_text("train: [\n"), "config.yaml cannot be used"),
 ])
 def test_damaged_checkpoint_is_one_line(data, full_run, tmp_path, damage, fragment):

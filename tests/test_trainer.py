@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clip_dro.checkpoint import CheckpointError
+from clip_dro.checkpoint import CheckpointError, read_loss_state
 from clip_dro.config import load_config
 from clip_dro.models import build_model
 from clip_dro.resources import CONFIGS_DIR
@@ -57,7 +57,7 @@ def assert_same_checkpoint(a: Path, b: Path, weights_atol: float = 0.0, state_at
     assert ma.keys() == mb.keys()
     for k in ma:
         torch.testing.assert_close(ma[k], mb[k], atol=weights_atol, rtol=0, msg=k)
-    la, lb = torch.load(a / "loss_state.pt"), torch.load(b / "loss_state.pt")
+    la, lb = read_loss_state(a), read_loss_state(b)
     assert la.keys() == lb.keys()
     for k in la:
         torch.testing.assert_close(la[k], lb[k], atol=state_atol, rtol=0, msg=k)

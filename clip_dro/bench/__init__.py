@@ -10,12 +10,14 @@ import pandas as pd
 
 
 def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096), train_batch: int = 128,
-              prep_images: int = 2000) -> dict[str, Any]:
+              prep_images: int = 2000, state_ids: int = 1_000_000, checkpoint_ids: int = 50_000_000
+              ) -> dict[str, Any]:
     """Run every case, print the table, write ``{"results": [...]}`` to ``output``."""
     from clip_dro.bench.lane_schedule import bench_lane_schedule
     from clip_dro.bench.loader import bench_loader
     from clip_dro.bench.loss_step import bench_loss_step
     from clip_dro.bench.prep import bench_prep
+    from clip_dro.bench.scale_out import bench_checkpoint_write, bench_eval, bench_state_bytes
     from clip_dro.bench.train_step import bench_train_step
     from clip_dro.config import load_config
     from clip_dro.models import build_model
@@ -32,6 +34,7 @@ def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096
         bundle = build_model("tiny-vit")
         loader = bench_loader(Path(tmp) / "train", bundle.preprocess_train, bundle.tokenizer, train_batch,
                               steps=10, workers=cfg.data.workers)
+        evaluation = bench_eval(Path(tmp))
     consumed = step["ours_samples_per_s"]
     results.append({"case": "loader", "B": train_batch, "workers": cfg.data.workers,
                     "ours_s": 1.0 / loader["samples_per_s"], "baseline_s": 1.0 / consumed,
@@ -40,11 +43,14 @@ def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096
                     "note": "ratio = trainer consumption / loader supply per sample; below 1: loader not the bottleneck"})
     results.append(bench_prep(num_images=prep_images, workers=1))
     results.append(bench_lane_schedule(shards=400_000, lanes=512))
+    results.extend(bench_state_bytes(num_ids=state_ids))
+    results.append(bench_checkpoint_write(num_ids=checkpoint_ids))
+    results.append(evaluation)
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"results": results}, indent=2) + "\n")
-    columns = ["case", "B", "ours_s", "baseline_s", "ratio", "target"]
+    columns = ["case", "B", "W", "ours_s", "baseline_s", "ratio", "target", "bytes_per_process"]
     frame = pd.DataFrame(results).reindex(columns=columns)
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     print(f"written: {output}")

@@ -1,9 +1,11 @@
 """Analysis of learned per-sample temperatures (SPEC 5): their distribution, and their relation to concept
 frequency where the training data records it (the paper's claim: frequent semantics get larger τ).
 
-Inputs: a checkpoint's ``temperatures.csv`` (columns ``side,index,tau``; side ``image`` or ``text``, index the
-global image or text index) and optionally the training prep directory, whose samples' ``.json`` record
-``concept`` and ``concept_frequency`` (the synthetic set does). Only the ``.json`` members are read.
+Inputs: a checkpoint's temperatures: its per-shard ``temperatures/shard-R-of-W.npz`` (arrays ``image_index``,
+``image_tau``, ``text_index``, ``text_tau``), or a ``temperatures.csv`` (columns ``side,index,tau``; side
+``image`` or ``text``, index the global image or text index); and optionally the training prep directory,
+whose samples' ``.json`` record ``concept`` and ``concept_frequency`` (the synthetic set does). Only the
+``.json`` members are read.
 
 Outputs in ``output_dir``: ``tau_histogram.png``; with concepts also ``tau_vs_frequency.png`` (every sample
 and the per-concept mean τ against frequency) and ``per_concept.csv`` (per concept: frequency, counts and
@@ -15,14 +17,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from clip_dro.data.eval_sets import iter_sample_json, require_dir
-from clip_dro.errors import UserError
+from clip_dro.checkpoint import TEMPERATURES_DIR, TEMPERATURES_FILE, shard_files
+from clip_dro.errors import UserError, first_line
 
 SIDES = ("image", "text")
 COLUMNS = ("side", "index", "tau")
@@ -37,10 +41,37 @@ class TemperatureError(UserError):
 
 
 def read_temperatures(path: str | Path) -> pd.DataFrame:
-    """``temperatures.csv`` as a frame with columns side, index (int) and tau (float), checked row by row."""
+    """A frame with columns side, index (int) and tau (float), checked: ``path`` is a checkpoint directory (its
+    ``temperatures/`` shards, else its ``temperatures.csv``), a directory of ``.npz`` shards, or a CSV file."""
     path = Path(path)
+    if path.is_dir() and (path / TEMPERATURES_DIR).is_dir():
+        path = path / TEMPERATURES_DIR
+    elif path.is_dir() and (path / TEMPERATURES_FILE).is_file():
+        path = path / TEMPERATURES_FILE
+    if path.is_dir():
+        try:
+            shards = shard_files(path, "npz")
+        except UserError as exc:
+            raise TemperatureError(str(exc)) from None
+        return pd.concat([_read_shard(shard) for shard in shards], ignore_index=True)
     if not path.is_file():
         raise TemperatureError(f"temperatures file {path} does not exist")
+    return _read_csv(path)
+
+
+def _read_shard(path: Path) -> pd.DataFrame:
+    try:
+        arrays = np.load(path)
+        frames = [pd.DataFrame({"side": side, "index": arrays[f"{side}_index"], "tau": arrays[f"{side}_tau"]})
+                  for side in SIDES]
+    except (OSError, ValueError, KeyError) as exc:
+        raise TemperatureError(f"{path}: not a temperatures shard ({first_line(exc)})") from None
+    frame = pd.concat(frames, ignore_index=True)
+    _check_rows(frame, lambda row: f"{path} {frame['side'][row]} entry {row}")
+    return frame.astype({"index": "int64", "tau": "float64"})
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
     frame = pd.read_csv(path)
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
@@ -50,17 +81,23 @@ def read_temperatures(path: str | Path) -> pd.DataFrame:
     if bad_side.any():
         row = int(bad_side.idxmax())
         raise TemperatureError(f"{path} line {row + 2}: side {frame['side'][row]!r} is not 'image' or 'text'")
-    index = pd.to_numeric(frame["index"], errors="coerce")
+    _check_rows(frame, lambda row: f"{path} line {row + 2}")
+    return pd.DataFrame({"side": frame["side"], "index": pd.to_numeric(frame["index"]).astype("int64"),
+                         "tau": pd.to_numeric(frame["tau"]).astype("float64")})
+
+
+def _check_rows(frame: pd.DataFrame, where: Callable[[int], str]) -> None:
+    """Indices non-negative integers, temperatures positive and finite; the first bad row is named with its
+    value as written."""
+    index, tau = pd.to_numeric(frame["index"], errors="coerce"), pd.to_numeric(frame["tau"], errors="coerce")
     bad_index = index.isna() | (index < 0) | (index % 1 != 0)
     if bad_index.any():
         row = int(bad_index.idxmax())
-        raise TemperatureError(f"{path} line {row + 2}: index {frame['index'][row]!r} is not a non-negative integer")
-    tau = pd.to_numeric(frame["tau"], errors="coerce")
+        raise TemperatureError(f"{where(row)}: index {frame['index'][row]!r} is not a non-negative integer")
     bad_tau = ~((tau > 0) & (tau < math.inf))
     if bad_tau.any():
         row = int(bad_tau.idxmax())
-        raise TemperatureError(f"{path} line {row + 2}: tau {frame['tau'][row]!r} is not a positive finite number")
-    return pd.DataFrame({"side": frame["side"], "index": index.astype("int64"), "tau": tau.astype("float64")})
+        raise TemperatureError(f"{where(row)}: tau {frame['tau'][row]!r} is not a positive finite number")
 
 
 def read_concepts(train_dir: str | Path) -> Optional[dict[str, pd.DataFrame]]:
@@ -125,21 +162,22 @@ def _plot_frequency(joined: dict[str, pd.DataFrame], per_concept: pd.DataFrame, 
     fig.savefig(path, dpi=100)
 
 
-def _join(temps: pd.DataFrame, concepts: pd.DataFrame, side: str, temperatures_csv: Path, train_dir: Path) -> pd.DataFrame:
+def _join(temps: pd.DataFrame, concepts: pd.DataFrame, side: str, source: Path, train_dir: Path) -> pd.DataFrame:
     joined = temps.merge(concepts, on="index", how="left")
     unknown = joined["concept_frequency"].isna()
     if unknown.any():
-        raise TemperatureError(f"{temperatures_csv}: {int(unknown.sum())} {side} indices (e.g. "
+        raise TemperatureError(f"{source}: {int(unknown.sum())} {side} indices (e.g. "
                                f"{int(joined['index'][unknown].iloc[0])}) are not in training set {train_dir}; "
                                "is it the set this run was trained on?")
     return joined
 
 
-def analyze_temperatures(temperatures_csv: str | Path, train_dir: Optional[str | Path],
+def analyze_temperatures(temperatures: str | Path, train_dir: Optional[str | Path],
                          output_dir: str | Path) -> dict[str, Any]:
-    """Write the plots, tables and ``summary.json`` described in the module docstring; return the summary."""
-    temperatures_csv = Path(temperatures_csv)
-    temps = read_temperatures(temperatures_csv)
+    """Write the plots, tables and ``summary.json`` described in the module docstring; return the summary.
+    ``temperatures`` as in :func:`read_temperatures`."""
+    temperatures = Path(temperatures)
+    temps = read_temperatures(temperatures)
     concepts = read_concepts(train_dir) if train_dir is not None else None
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -147,14 +185,14 @@ def analyze_temperatures(temperatures_csv: str | Path, train_dir: Optional[str |
     taus = {side: temps.loc[temps["side"] == side, ["index", "tau"]] for side in SIDES}
     _plot_histograms({side: t["tau"] for side, t in taus.items()}, output_dir / "tau_histogram.png")
     summary: dict[str, Any] = {
-        "temperatures_csv": str(temperatures_csv),
+        "temperatures": str(temperatures),
         "train_dir": str(train_dir) if train_dir is not None else None,
         "distribution": {side: _distribution(t["tau"]) for side, t in taus.items() if len(t)},
         "concept_frequency": None,
         "files": ["tau_histogram.png"],
     }
     if concepts is not None:
-        joined = {side: _join(taus[side], concepts[side], side, temperatures_csv, Path(train_dir)) for side in SIDES}
+        joined = {side: _join(taus[side], concepts[side], side, temperatures, Path(train_dir)) for side in SIDES}
         per_side = [j.groupby(["concept", "concept_frequency"])["tau"].agg(["count", "mean"])
                     .rename(columns={"count": f"num_{side}", "mean": f"tau_{side}_mean"}) for side, j in joined.items()]
         per_concept = (pd.concat(per_side, axis=1).round(_MEAN_DECIMALS).reset_index()

@@ -5,15 +5,18 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from clip_dro.errors import UserError
-from clip_dro.losses.distributed import gather_features, process_group
+from clip_dro.losses.distributed import gather_batch, process_group
 from clip_dro.losses.schedules import GAMMA_SCHEDULES, check_rho, gamma_at
-from clip_dro.losses.state import LossStateSizeError, check_indices
+from clip_dro.losses.state import LossStateSizeError, SideState, StateShard, check_indices, reshard
+
+STATE_LAYOUTS = ("sharded", "replicated")
+STATE_DEVICES = ("accelerator", "cpu")
 
 
 @dataclass
@@ -26,6 +29,8 @@ class GlobalBatch:
     text_all: Tensor
     image_index: Tensor
     text_index: Tensor
+    image_index_all: Tensor
+    text_index_all: Tensor
     world_size: int
     offset: int
 
@@ -72,6 +77,14 @@ class ContrastiveLoss(nn.Module, ABC):
     Counters ``step`` (forward calls so far: the temperature warm-up counts these) and ``epoch`` (the last
     ``set_epoch``) and the dataset ``sizes`` are buffers, so ``state_dict()`` resumes them exactly; loading a
     state of other sizes raises ``LossStateSizeError``.
+
+    Per-sample state under torch.distributed (W processes, fixed when the loss is built):
+    ``state_layout="sharded"`` (default) keeps on each process only the ids it owns (id % W == rank: N/W of
+    them) and fetches and writes back the global batch's rows each step with one all-reduce of B x (2 or 4)
+    float32 per side; ``"replicated"`` keeps every id on every process. Both compute the same numbers.
+    ``state_dict()`` then holds this process's shard (``shard_layout`` = [rank, W]); ``load_state_shards``
+    loads the shards of all processes of a run at any W. ``state_device="cpu"`` keeps the per-sample buffers
+    in host memory when the loss is moved to an accelerator.
     """
 
     learns_tau_by_rho = False  # whether ρ drives a temperature (then ρ is checked against the batch)
@@ -79,10 +92,20 @@ class ContrastiveLoss(nn.Module, ABC):
     def __init__(self, num_images: int, num_texts: int, *, gamma: float = 0.8, rho: float = 6.0,
                  tau_init: float = 0.01, tau_min: float = 0.005, tau_max: float = 1.0, tau_lr: float = 0.03,
                  tau_momentum: float = 0.9, tau_grad_clip: float = 5.0, gamma_schedule: str = "constant",
-                 gamma_decay_epochs: float = 1, tau_warmup_steps: int = 0) -> None:
+                 gamma_decay_epochs: float = 1, tau_warmup_steps: int = 0, state_layout: str = "sharded",
+                 state_device: str = "accelerator") -> None:
         super().__init__()
         _require(int(num_images) >= 1, "num_images", num_images, "must be >= 1")
         _require(int(num_texts) >= 1, "num_texts", num_texts, "must be >= 1")
+        _require(state_layout in STATE_LAYOUTS, "state_layout", state_layout, f"must be one of {', '.join(STATE_LAYOUTS)}")
+        _require(state_device in STATE_DEVICES, "state_device", state_device, f"must be one of {', '.join(STATE_DEVICES)}")
+        rank, world_size = process_group()
+        # The processes that share the per-sample state are fixed here: the state is built for them.
+        self.world_size = world_size
+        self.shard = StateShard(rank, world_size) if state_layout == "sharded" else StateShard()
+        self.state_on_cpu = state_device == "cpu"
+        _require(min(int(num_images), int(num_texts)) >= self.shard.world, "num_images", (num_images, num_texts),
+                 f"and num_texts must be at least the number of processes sharing the state ({self.shard.world})")
         check_hyperparameters(gamma=gamma, rho=rho, tau_init=tau_init, tau_min=tau_min, tau_max=tau_max,
                               tau_lr=tau_lr, tau_momentum=tau_momentum, tau_grad_clip=tau_grad_clip,
                               gamma_schedule=gamma_schedule, gamma_decay_epochs=gamma_decay_epochs,
@@ -96,6 +119,8 @@ class ContrastiveLoss(nn.Module, ABC):
         self.register_buffer("sizes", torch.tensor([self.num_images, self.num_texts]))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("epoch", torch.zeros((), dtype=torch.float64))
+        # Which shard of which layout the per-sample buffers are (checked on load; see load_state_shards).
+        self.register_buffer("shard_layout", torch.tensor([self.shard.rank, self.shard.world]))
         # Python mirrors of the counters, so that forward never waits on the device to read them.
         self._step, self._epoch = 0, 0.0
         self._rho_checked = False
@@ -148,16 +173,41 @@ class ContrastiveLoss(nn.Module, ABC):
         """Temperature of every caption (length num_texts)."""
 
     # -- checkpoints ---------------------------------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        sizes = state_dict.get(prefix + "sizes")
+    def _sides(self) -> dict[str, SideState]:
+        """The per-sample state of each side, by state-dict prefix (``img.``, ``txt.``)."""
+        return {f"{name}.": module for name, module in self.named_children() if isinstance(module, SideState)}
+
+    def _check_sizes(self, sizes: Optional[Tensor]) -> None:
         if sizes is not None and [int(v) for v in sizes] != [self.num_images, self.num_texts]:
             raise LossStateSizeError(
                 f"loss state is for num_images={int(sizes[0])}, num_texts={int(sizes[1])} but this loss was built "
                 f"for num_images={self.num_images}, num_texts={self.num_texts} (a checkpoint of another dataset?)")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        self._check_sizes(state_dict.get(prefix + "sizes"))
+        layout = state_dict.get(prefix + "shard_layout")
+        if layout is not None and [int(v) for v in layout] != list(self.shard):
+            raise LossStateSizeError(
+                f"loss state is shard {int(layout[0])} of {int(layout[1])} processes but this loss holds shard "
+                f"{self.shard.rank} of {self.shard.world}: load every process's state with load_state_shards")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._step, self._epoch = int(self.step), float(self.epoch)
+
+    def load_state_shards(self, shards: Sequence[Mapping[str, Tensor]]) -> None:
+        """Load the state that the processes of a run saved (``shards[k]``: process k's ``state_dict()``), at
+        any number of processes then and now: the per-sample state is re-sharded id by id."""
+        shards = [dict(shard) for shard in shards]
+        for number, shard in enumerate(shards):
+            layout = shard.get("shard_layout", torch.tensor([0, 1]))  # states saved before sharding: one shard
+            if [int(v) for v in layout] != [number, len(shards)]:
+                raise LossStateSizeError(f"loss state shard {number} of {len(shards)} says it is shard "
+                                         f"{int(layout[0])} of {int(layout[1])}: the shards are not one set")
+            self._check_sizes(shard.get("sizes"))
+        mine = reshard(shards, {prefix: side.size for prefix, side in self._sides().items()}, self.shard)
+        mine["shard_layout"] = torch.tensor(list(self.shard))
+        self.load_state_dict(mine)
 
     # -- the step ------------------------------------------------------------------------------------------
     def forward(self, image_features: Tensor, text_features: Tensor, image_index: Tensor,
@@ -185,14 +235,19 @@ class ContrastiveLoss(nn.Module, ABC):
             raise ValueError(f"features are on {image.device} but the loss state is on {device}: move the loss "
                              f"with loss.to(device)")
         rank, world_size = process_group()
+        if world_size != self.world_size:
+            raise ValueError(f"this loss was built with {self.world_size} processes (its per-sample state is "
+                             f"laid out for them); torch.distributed now has {world_size}")
         if local * world_size < 2:
             raise ValueError(f"global batch of {local * world_size}: contrastive losses need at least 2 pairs")
         self._check_rho_once(local * world_size)
         dtype = torch.float64 if torch.float64 in (image.dtype, text.dtype) else torch.float32
         image, text = image.to(dtype), text.to(dtype)
-        image_all, text_all = gather_features(image, text, world_size)
-        return GlobalBatch(image, text, image_all, text_all, image_index.to(device, torch.int64),
-                           text_index.to(device, torch.int64), world_size, rank * local)
+        image_index, text_index = image_index.to(device, torch.int64), text_index.to(device, torch.int64)
+        image_all, text_all, image_index_all, text_index_all = gather_batch(image, text, image_index, text_index,
+                                                                           world_size)
+        return GlobalBatch(image, text, image_all, text_all, image_index, text_index, image_index_all,
+                           text_index_all, world_size, rank * local)
 
     def _check_rho_once(self, global_batch: int) -> None:
         if self.learns_tau_by_rho and not self._rho_checked:

@@ -26,9 +26,17 @@ def gather_rows(tensor: Tensor, world_size: int) -> Tensor:
     return torch.cat(parts)
 
 
-def gather_features(image: Tensor, text: Tensor, world_size: int) -> tuple[Tensor, Tensor]:
-    """All processes' image and text features (in one fused all-gather), without gradient."""
+def gather_batch(image: Tensor, text: Tensor, image_index: Tensor, text_index: Tensor, world_size: int
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """All processes' image and text features and their global indices, without gradient, in ONE all-gather.
+
+    The int64 indices travel bit for bit inside the (float32 or float64) feature rows, reinterpreted as that
+    dtype: an all-gather copies bytes and never does arithmetic on them, so they arrive exact.
+    """
     if world_size == 1:
-        return image.detach(), text.detach()
-    both = gather_rows(torch.cat([image.detach(), text.detach()], dim=1), world_size)
-    return both[:, : image.shape[1]], both[:, image.shape[1]:]
+        return image.detach(), text.detach(), image_index, text_index
+    ids = torch.stack([image_index, text_index], 1).to(image.device, torch.int64).contiguous()
+    both = gather_rows(torch.cat([image.detach(), text.detach(), ids.view(image.dtype)], dim=1), world_size)
+    dim = image.shape[1]
+    ids_all = both[:, 2 * dim:].contiguous().view(torch.int64)
+    return both[:, :dim], both[:, dim:2 * dim], ids_all[:, 0], ids_all[:, 1]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -10,7 +10,7 @@ from torch import Tensor
 from clip_dro.losses.base import ContrastiveLoss, GlobalBatch, expanded
 from clip_dro.losses.distributed import gather_rows
 from clip_dro.losses.gradient import with_closed_form_gradient
-from clip_dro.losses.state import SideState, duplicate_groups
+from clip_dro.losses.state import BatchState, SideState, duplicate_groups, fetch_batch_state, next_log_s, next_tau
 
 
 class AnchorSums(NamedTuple):
@@ -51,16 +51,9 @@ def negative_weights(sim: Tensor, positive: Tensor, tau: Tensor, log_s: Tensor, 
 
 
 def _exchange(img: AnchorSums, txt: AnchorSums, batch: GlobalBatch) -> tuple[Tensor, ...]:
-    """Every anchor's (log g, mean h) of both sides and the global indices, in rank order (float64).
-
-    One fused all-gather; indices travel as float64, exact below 2**53.
-    """
+    """Every anchor's (log g, mean h) of both sides, in rank order (float64), in one fused all-gather."""
     sums = torch.stack([img.log_g, img.mean_h, txt.log_g, txt.mean_h], 1).double()
-    if batch.world_size == 1:
-        return (*sums.unbind(1), batch.image_index, batch.text_index)
-    ids = torch.stack([batch.image_index, batch.text_index], 1).double()
-    packed = gather_rows(torch.cat([sums, ids], 1), batch.world_size)
-    return (*packed[:, :4].unbind(1), packed[:, 4].long(), packed[:, 5].long())
+    return gather_rows(sums, batch.world_size).unbind(1)
 
 
 def _coefficients(img: AnchorSums, txt: AnchorSums, sim_rows: Tensor, sim_cols: Tensor, positive: Tensor,
@@ -100,69 +93,85 @@ class _RobustLoss(ContrastiveLoss):
     def __init__(self, num_images: int, num_texts: int, **kwargs) -> None:
         super().__init__(num_images, num_texts, **kwargs)
         individual = self.tau_mode == "individual"
-        self.img = SideState(self.num_images, self.tau_init, individual)
-        self.txt = SideState(self.num_texts, self.tau_init, individual)
+        self.img = SideState(self.num_images, self.tau_init, individual, self.shard, self.state_on_cpu)
+        self.txt = SideState(self.num_texts, self.tau_init, individual, self.shard, self.state_on_cpu)
         if self.tau_mode == "global":
             self.register_buffer("tau", torch.tensor([self.tau_init]))
             self.register_buffer("tau_m", torch.zeros(1))
 
     # -- temperatures --------------------------------------------------------------------------------------
-    def _tau_of(self, side: SideState, ids: Tensor) -> Tensor:
+    def _tau_of(self, state: BatchState, length: int, device: torch.device) -> Tensor:
+        """The temperatures of a batch's positions, as read before the step."""
         if self.tau_mode == "individual":
-            return side.tau[ids]
+            return state.tau
         if self.tau_mode == "global":
-            return self.tau.expand(ids.shape[0])
-        return torch.full(ids.shape, self.tau_init, device=ids.device)
+            return self.tau.expand(length)
+        return torch.full((length,), self.tau_init, device=device)
 
     @property
     def tau_img(self) -> Tensor:
+        """τ of every image (length num_images). With sharded state under torch.distributed this gathers the
+        shards: a collective that every process must call, holding all N values on each."""
         return self._all_taus(self.img, self.num_images)
 
     @property
     def tau_txt(self) -> Tensor:
+        """τ of every caption (length num_texts); gathered like ``tau_img``."""
         return self._all_taus(self.txt, self.num_texts)
 
     def _all_taus(self, side: SideState, size: int) -> Tensor:
         if self.tau_mode == "individual":
-            return side.tau
+            return side.full("tau")
         if self.tau_mode == "global":
             return expanded(self.tau, size)
         return expanded(torch.tensor(self.tau_init, device=side.log_s.device), size)
+
+    def owned_temperatures(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per side, (global ids, τ) of the samples whose state this process owns: no communication."""
+        if self.tau_mode != "individual":
+            raise ValueError(f"{type(self).__name__} has no per-sample temperatures")
+        return {"image": (self.img.shard.ids(self.num_images), self.img.tau),
+                "text": (self.txt.shard.ids(self.num_texts), self.txt.tau)}
 
     def bytes_per_sample(self) -> dict[str, int]:
         return {"image": self.img.bytes_per_sample(), "text": self.txt.bytes_per_sample()}
 
     # -- the step ------------------------------------------------------------------------------------------
     def _step_loss(self, batch: GlobalBatch) -> Tensor:
-        dtype, offset, world = batch.image.dtype, batch.offset, batch.world_size
+        dtype, offset, world, device = batch.image.dtype, batch.offset, batch.world_size, batch.image.device
         local = slice(offset, offset + batch.local_size)
         with torch.no_grad():
+            ids_i, ids_t = batch.image_index_all, batch.text_index_all
+            old_i, old_t = fetch_batch_state([(self.img, ids_i), (self.txt, ids_t)], device)
+            tau_i = self._tau_of(old_i, batch.size, device).double()  # as read before this step
+            tau_t = self._tau_of(old_t, batch.size, device).double()
             image, text = batch.image.detach(), batch.text.detach()
             sim_rows = image @ batch.text_all.T  # this process's images against every text
             sim_cols = sim_rows if world == 1 else batch.image_all @ text.T  # every image against its texts
             positive = torch.linalg.vecdot(batch.image_all, batch.text_all)
-            img = anchor_sums(sim_rows, positive[local], self._tau_of(self.img, batch.image_index).to(dtype), offset)
-            txt = anchor_sums(sim_cols.T, positive[local], self._tau_of(self.txt, batch.text_index).to(dtype), offset)
-            log_g_i, mean_h_i, log_g_t, mean_h_t, ids_i, ids_t = _exchange(img, txt, batch)
-            tau_i = self._tau_of(self.img, ids_i).double()  # as read before this step
-            tau_t = self._tau_of(self.txt, ids_t).double()
+            img = anchor_sums(sim_rows, positive[local], tau_i[local].to(dtype), offset)
+            txt = anchor_sums(sim_cols.T, positive[local], tau_t[local].to(dtype), offset)
+            log_g_i, mean_h_i, log_g_t, mean_h_t = _exchange(img, txt, batch)
             group_i, group_t = duplicate_groups(ids_i), duplicate_groups(ids_t)
-            log_s_i = self.img.next_log_s(ids_i, log_g_i, group_i, self.current_gamma)
-            log_s_t = self.txt.next_log_s(ids_t, log_g_t, group_t, self.current_gamma)
+            log_s_i = next_log_s(old_i, log_g_i, group_i, self.current_gamma)
+            log_s_t = next_log_s(old_t, log_g_t, group_t, self.current_gamma)
             loss_i = torch.exp(log_g_i - log_s_i) * mean_h_i  # (1/(B−1)) Σ_j w_kj h_kj
             loss_t = torch.exp(log_g_t - log_s_t) * mean_h_t
             grad_tau_i = log_s_i + self.rho - loss_i / tau_i  # G_k
             grad_tau_t = log_s_t + self.rho - loss_t / tau_t
-            self.img.write_log_s(ids_i, log_s_i)
-            self.txt.write_log_s(ids_t, log_s_t)
-            self._update_tau(ids_i, ids_t, group_i, group_t, grad_tau_i, grad_tau_t, tau_i, tau_t)
+            new_tau_i, m_i = self._next_tau(old_i, grad_tau_i, group_i, tau_i)
+            new_tau_t, m_t = self._next_tau(old_t, grad_tau_t, group_t, tau_t)
+            self.img.store(ids_i, log_s_i, new_tau_i, m_i)
+            self.txt.store(ids_t, log_s_t, new_tau_t, m_t)
+            if self.tau_mode == "global":
+                self._step_global_tau(grad_tau_i, grad_tau_t)
             value = (loss_i + loss_t).mean().to(dtype)
             rho = self.rho if self.learns_tau_by_rho else 0.0
             self._last = {
                 "loss": value,
                 "objective": (tau_i * (log_s_i + rho) + tau_t * (log_s_t + rho)).mean(),
-                "tau_img_mean": self._tau_of(self.img, ids_i).mean(),
-                "tau_txt_mean": self._tau_of(self.txt, ids_t).mean(),
+                "tau_img_mean": self._mean_tau(new_tau_i),
+                "tau_txt_mean": self._mean_tau(new_tau_t),
             }
         rows = columns = None
         if torch.is_grad_enabled() and (batch.image.requires_grad or batch.text.requires_grad):
@@ -172,20 +181,26 @@ class _RobustLoss(ContrastiveLoss):
         return with_closed_form_gradient(value, batch.image, batch.text, rows, columns, batch.image_all,
                                          batch.text_all)
 
-    def _update_tau(self, ids_i: Tensor, ids_t: Tensor, group_i: Tensor, group_t: Tensor, grad_i: Tensor,
-                    grad_t: Tensor, tau_i: Tensor, tau_t: Tensor) -> None:
-        hold = self._tau_held()
-        rule = dict(momentum=self.tau_momentum, clip=self.tau_grad_clip, lr=self.tau_lr, tau_min=self.tau_min,
-                    tau_max=self.tau_max, hold=hold)
-        if self.tau_mode == "individual":
-            self.img.step_tau(ids_i, grad_i, group_i, tau_i, **rule)
-            self.txt.step_tau(ids_t, grad_t, group_t, tau_t, **rule)
-        elif self.tau_mode == "global":
-            grad = (grad_i + grad_t).mean().clamp(-self.tau_grad_clip, self.tau_grad_clip)
-            m = (1.0 - self.tau_momentum) * self.tau_m.double() + self.tau_momentum * grad
-            self.tau_m.copy_(m)
-            if not hold:
-                self.tau.copy_((self.tau.double() - self.tau_lr * m).clamp(self.tau_min, self.tau_max))
+    def _next_tau(self, old: BatchState, grad: Tensor, group: Tensor, tau_used: Tensor
+                  ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Per-sample (τ, m) after this step; (None, None) without individual temperatures."""
+        if self.tau_mode != "individual":
+            return None, None
+        return next_tau(old, grad, group, tau_used, momentum=self.tau_momentum, clip=self.tau_grad_clip,
+                        lr=self.tau_lr, tau_min=self.tau_min, tau_max=self.tau_max, hold=self._tau_held())
+
+    def _step_global_tau(self, grad_i: Tensor, grad_t: Tensor) -> None:
+        grad = (grad_i + grad_t).mean().clamp(-self.tau_grad_clip, self.tau_grad_clip)
+        m = (1.0 - self.tau_momentum) * self.tau_m.double() + self.tau_momentum * grad
+        self.tau_m.copy_(m)
+        if not self._tau_held():
+            self.tau.copy_((self.tau.double() - self.tau_lr * m).clamp(self.tau_min, self.tau_max))
+
+    def _mean_tau(self, new_tau: Optional[Tensor]) -> Tensor:
+        """Mean τ of the batch after the step, as stored."""
+        if new_tau is not None:
+            return new_tau.float().mean()
+        return self.tau.mean() if self.tau_mode == "global" else torch.tensor(self.tau_init)
 
 
 class ISogCLRLoss(_RobustLoss):

@@ -1,0 +1,78 @@
+"""SPEC 5: evaluation on every process gives the numbers of one process: ``clip-dro eval`` under torchrun, and
+the trainer's evaluations at two processes; an error in one process's slice stops all of them."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clip_dro.cli import main
+from clip_dro.evaluation.run import evaluate_from_cli
+from evalgen import make_checkpoint
+from test_eval_run import BATCH, _cli_sets, bad_sets  # noqa: F401  (bad_sets is a fixture)
+from test_trainer import TINY, data, overrides  # noqa: F401  (data is a fixture)
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29700 + os.getpid() % 200), "-m", "clip_dro.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _assert_same_results(got: list[dict], want: list[dict]) -> None:
+    assert [(r["task"], r["dataset"], r["skipped_images"], r["skipped_examples"]) for r in got] == \
+           [(r["task"], r["dataset"], r["skipped_images"], r["skipped_examples"]) for r in want]
+    for a, b in zip(got, want):
+        assert a["metrics"].keys() == b["metrics"].keys()
+        for key in b["metrics"]:
+            assert a["metrics"][key] == pytest.approx(b["metrics"][key], abs=1e-9), (a["dataset"], key)
+
+
+def test_eval_on_two_processes_equals_one(tmp_path, bad_sets):  # noqa: F811
+    """Sets with undecodable images, three processes over 11 + 12 + 9 images: slices of unequal length,
+    skipped images in some slices only; results and the skipped list as one process computes them."""
+    bad, _ = bad_sets
+    ckpt = make_checkpoint(tmp_path / "ckpt", seed=3)
+    assert main(["eval", "--checkpoint", str(ckpt), *_cli_sets(bad), "--batch-size", str(BATCH), "--workers", "1",
+                 "--output", str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    for nproc in (2, 3):
+        output = tmp_path / f"{nproc}.json"
+        done = torchrun(["eval", "--checkpoint", str(ckpt), *_cli_sets(bad), "--batch-size", str(BATCH),
+                         "--workers", "1", "--output", str(output)], nproc=nproc)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("results: ") == 1, "only the main process writes and prints"
+        _assert_same_results(json.loads(output.read_text())["results"], one["results"])
+
+
+def test_bad_image_error_in_one_slice_stops_every_process(tmp_path, bad_sets):  # noqa: F811
+    """The bad image lies in the second process's slice: both stop with its message, none waits forever."""
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    done = torchrun(["eval", "--checkpoint", str(ckpt), "--retrieval", str(bad_sets[0] / "coco_test"),
+                     "--batch-size", str(BATCH), "--workers", "1", "--on-bad-image", "error"])
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("clip-dro eval: error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1], done.stderr[-3000:]
+    assert "shard-00001.tar: sample 000000005: cannot decode the image" in errors[0]
+    # (torchrun itself then reports the failed children with a traceback of its own)
+    assert not (ckpt / "eval.json").exists()
+
+
+def test_training_evaluates_on_every_process(tmp_path, data):  # noqa: F811
+    """The final evaluation of a two-process run logs what one process computes on the final checkpoint."""
+    sets = {"eval.retrieval": f"[{data / 'retrieval'}]", "eval.zeroshot": f"[{data / 'zeroshot'}]",
+            "eval.batch_size": 32, "eval.workers": 1, "data.batch_size": 8, "train.max_steps": 2}
+    done = torchrun(["train", "--config", str(TINY), *overrides(data, tmp_path / "run", **sets)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    logged = [{"task": m["eval"], "dataset": m["dataset"], "skipped_images": m["skipped_images"],
+               "skipped_examples": [], "metrics": {k: v for k, v in m.items()
+                                                   if k not in ("step", "eval", "dataset", "skipped_images")}}
+              for m in logged if "eval" in m]
+    alone = evaluate_from_cli(tmp_path / "run", [], [], tmp_path / "alone.json", batch_size=32, export=None)
+    _assert_same_results(logged, alone["results"])
+    assert [r["dataset"] for r in logged] == ["retrieval", "zeroshot"]
+    assert Path(tmp_path / "run/final/temperatures.csv").is_file()
