@@ -22,10 +22,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import reduce
 
-from clip_dro.config import Config, save_config
+from clip_dro.config import Config, load_config, save_config
 from clip_dro.errors import UserError, first_line
 from clip_dro.losses import ContrastiveLoss
 from clip_dro.losses.state import StateShard, reshard
+from clip_dro.manifest import Manifest
 
 TRAINER_STATE = "trainer_state.json"
 LOSS_STATE_DIR = "loss_state"
@@ -133,6 +134,20 @@ def check_same_settings(directory: Path, saved: dict, current: dict) -> None:
         raise CheckpointError(f"checkpoint {directory} was written with {key} = {old.get(key)!r}, this run has "
                               f"{new.get(key)!r}: resuming would not continue the same run; use the same value "
                               "or another train.output_dir")
+
+
+def check_resumable(directory: Path, config: Config, manifest: Manifest, global_batch: int, lanes: int) -> None:
+    """Refuse, before anything is built, a checkpoint that would not continue the run ``config`` describes on
+    the data of ``manifest``."""
+    state = TrainerState.read(directory)
+    state.check_compatible(directory, manifest.dataset_id, manifest.num_images, manifest.num_texts,
+                           config.model.name, config.loss.name)
+    state.check_same_sequence(directory, global_batch, lanes)
+    try:
+        saved = load_config(directory / "config.yaml")
+    except UserError as exc:
+        raise CheckpointError(f"checkpoint {directory}: its config.yaml cannot be used ({exc})") from None
+    check_same_settings(directory, saved.to_dict(), config.to_dict())
 
 
 def step_dirs(run_dir: Path, marker: str = TRAINER_STATE) -> list[Path]:

@@ -20,8 +20,8 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from clip_dro.checkpoint import (CheckpointError, TrainerState, check_same_settings, load_checkpoint, prune,
-                                 resolve_resume, save_checkpoint, sum_over_processes)
+from clip_dro.checkpoint import (TrainerState, check_resumable, load_checkpoint, prune, resolve_resume,
+                                 save_checkpoint, sum_over_processes)
 from clip_dro.config import Config, load_config, save_config
 from clip_dro.data.train_loader import TrainBatch, TrainLoader, check_layout
 from clip_dro.errors import UserError, first_line
@@ -119,7 +119,7 @@ class Trainer:
                                              cfg.eval.workers, cfg.eval.on_bad_image)
         self.resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         if self.resume_from is not None:
-            self._check_resumable(self.resume_from)
+            check_resumable(self.resume_from, cfg, self.manifest, self.global_batch, self.lanes)
 
         set_seed(cfg.train.seed)
         self.bundle = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.text_tower,
@@ -163,18 +163,6 @@ class Trainer:
         return TrainerState(self.global_step, self.epoch, self.step_in_epoch, self.manifest.dataset_id,
                             self.manifest.num_images, self.manifest.num_texts, self.cfg.model.name,
                             self.cfg.loss.name, self.scheduler.state_dict(), self.global_batch, self.lanes)
-
-    def _check_resumable(self, directory: Path) -> None:
-        """Refuse, before anything is built, a checkpoint that would not continue this very run."""
-        state = TrainerState.read(directory)
-        state.check_compatible(directory, self.manifest.dataset_id, self.manifest.num_images,
-                               self.manifest.num_texts, self.cfg.model.name, self.cfg.loss.name)
-        state.check_same_sequence(directory, self.global_batch, self.lanes)
-        try:
-            saved = load_config(directory / "config.yaml")
-        except UserError as exc:
-            raise CheckpointError(f"checkpoint {directory}: its config.yaml cannot be used ({exc})") from None
-        check_same_settings(directory, saved.to_dict(), self.cfg.to_dict())
 
     def _open_clip_state_dict(self) -> dict:
         state = self.accelerator.unwrap_model(self.model).state_dict()

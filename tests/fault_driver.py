@@ -5,7 +5,7 @@ usage: python fault_driver.py MARKER POINT CLIP_DRO_ARGS...
 POINT is where the run pauses for 60 s after writing the file MARKER, so that a test can strike exactly
 there (kill -9, SIGTERM):
 * ``checkpoint:N``: inside the write of checkpoint step-N (its files written, before it is complete);
-* ``eval``: inside an evaluation;
+* ``eval``: inside an evaluation (ended early by a stop request, as between two batches);
 * ``first-step``: inside the first optimizer step of this process (e.g. right after a resume);
 * ``step:N``: at the start of step N (1-based).
 Only the main process pauses (others wait for it, as they would for a slow disk or a slow step).
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from clip_dro import checkpoint, trainer
+from clip_dro.evaluation import periodic
 from clip_dro.cli import main
 
 
@@ -37,13 +38,18 @@ def install(marker: Path, point: str) -> None:
 
         checkpoint.TrainerState.write = paused_write
     elif point == "eval":
-        evaluate_sets = trainer.evaluate_sets
+        run = periodic.PeriodicEvaluation.run
 
-        def paused_evaluate(*args, **kwargs):
-            hold(marker)
-            return evaluate_sets(*args, **kwargs)
+        def paused_run(self, model, tokenizer, preprocess, device, should_stop):
+            # held like a long evaluation: it ends early on a stop request, as one between batches does
+            if os.environ.get("RANK", "0") == "0":
+                marker.write_text(str(os.getpid()))
+                deadline = time.time() + 60
+                while time.time() < deadline and not should_stop():
+                    time.sleep(0.05)
+            return run(self, model, tokenizer, preprocess, device, should_stop)
 
-        trainer.evaluate_sets = paused_evaluate
+        periodic.PeriodicEvaluation.run = paused_run
     elif point == "first-step" or point.startswith("step:"):
         target = None if point == "first-step" else int(point.split(":")[1])
         step = trainer.Trainer.step

@@ -93,6 +93,8 @@ def scaled(command: str, workspace: Path) -> Optional[str]:
         command = command.replace("/weights/", f"{workspace}/weights/")
         return " ".join([command, *_config_paths(_config_of(command), workspace), "train.max_steps=1",
                          "data.batch_size=4", "data.lanes=2", "data.workers=1", "eval.batch_size=8"])
+    if "-m clip_dro.cli eval " in command:
+        return command.replace("--nproc_per_node 8", "--nproc_per_node 2")
     if re.search(r"\btrain --config |launch/multinode.sh |sbatch ", command):
         command = command.replace("--nproc_per_node 8", "--nproc_per_node 2")
         command = command.replace("--config_file launch/accelerate_8gpu.yaml",
@@ -180,6 +182,11 @@ def _check_outputs(command: str, workspace: Path) -> None:
         results = json.loads((home / "results.json").read_text())["results"]
         assert [r["dataset"] for r in results] == ["coco_karpathy_test", "flickr30k_karpathy_test", "imagenet_val"]
         assert (home / "model_open_clip.pt").is_file()
+    elif "-m clip_dro.cli eval " in command:
+        results = json.loads((home / "imagenet.json").read_text())["results"]
+        assert [r["dataset"] for r in results] == ["imagenet_val"]
+        single = json.loads((home / "results.json").read_text())["results"][-1]
+        assert results[0]["metrics"] == pytest.approx(single["metrics"], abs=1e-9), "the numbers of one process"
     elif command.startswith("clip-dro quickstart"):
         assert set(json.loads((home / "quickstart/comparison.json").read_text())) == {"clip", "sogclr", "isogclr"}
     elif command.startswith("clip-dro bench"):
@@ -207,7 +214,7 @@ def test_readme_has_the_documented_commands():
     starts = ["clip-dro quickstart", "clip-dro prep wds", "clip-dro prep coco", "clip-dro prep csv",
               "clip-dro prep synthetic", "clip-dro train --config", "accelerate launch --config_file launch/accelerate_1gpu",
               "accelerate launch --config_file launch/accelerate_8gpu", "torchrun", "bash launch/multinode.sh",
-              "sbatch", "clip-dro eval", "clip-dro bench", "python bench/gpu_check.py"]
+              "sbatch", "clip-dro eval", "-m clip_dro.cli eval", "clip-dro bench", "python bench/gpu_check.py"]
     for start in starts:
         assert any(start in c for c in COMMANDS), start
 

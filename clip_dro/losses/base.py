@@ -21,16 +21,15 @@ STATE_DEVICES = ("accelerator", "cpu")
 
 @dataclass
 class GlobalBatch:
-    """One step's features: this process's (autograd-connected) and everyone's (no gradient), in rank order."""
+    """One step's features: this process's (autograd-connected) and everyone's (no gradient), in rank order,
+    and everyone's indices."""
 
     image: Tensor
     text: Tensor
     image_all: Tensor
     text_all: Tensor
-    image_index: Tensor
+    image_index: Tensor  # the global indices of every pair of the global batch, in rank order
     text_index: Tensor
-    image_index_all: Tensor
-    text_index_all: Tensor
     world_size: int
     offset: int
 
@@ -246,8 +245,7 @@ class ContrastiveLoss(nn.Module, ABC):
         image_index, text_index = image_index.to(device, torch.int64), text_index.to(device, torch.int64)
         image_all, text_all, image_index_all, text_index_all = gather_batch(image, text, image_index, text_index,
                                                                            world_size)
-        return GlobalBatch(image, text, image_all, text_all, image_index, text_index, image_index_all,
-                           text_index_all, world_size, rank * local)
+        return GlobalBatch(image, text, image_all, text_all, image_index_all, text_index_all, world_size, rank * local)
 
     def _check_rho_once(self, global_batch: int) -> None:
         if self.learns_tau_by_rho and not self._rho_checked:

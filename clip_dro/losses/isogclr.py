@@ -141,7 +141,7 @@ class _RobustLoss(ContrastiveLoss):
         dtype, offset, world, device = batch.image.dtype, batch.offset, batch.world_size, batch.image.device
         local = slice(offset, offset + batch.local_size)
         with torch.no_grad():
-            ids_i, ids_t = batch.image_index_all, batch.text_index_all
+            ids_i, ids_t = batch.image_index, batch.text_index
             old_i, old_t = fetch_batch_state([(self.img, ids_i), (self.txt, ids_t)], device)
             tau_i = self._tau_of(old_i, batch.size, device).double()  # as read before this step
             tau_t = self._tau_of(old_t, batch.size, device).double()
@@ -217,7 +217,8 @@ class ISogCLRLoss(_RobustLoss):
 
     State (buffers, all in ``state_dict()``): ``img.log_s``/``txt.log_s`` (s kept as log s, so that h/τ up to
     400 never overflows), ``img.visited``, ``img.tau``, ``img.m`` (and the text ones), the counters ``step``
-    and ``epoch``, and ``sizes``: 13 bytes per image and per caption (``bytes_per_sample()``).
+    and ``epoch``, ``sizes`` and ``shard_layout``: 13 bytes per image and per caption (``bytes_per_sample()``),
+    for the ids this process owns.
 
     Duplicate ids in one global batch: each position computes its batch estimate from the state as it was
     before the step; the id is then updated once, with the mean of its positions' g and of their clipped G,
@@ -231,7 +232,9 @@ class ISogCLRLoss(_RobustLoss):
     order) with respect to its own features, as anchors and as negatives, from one fused all-gather of
     per-anchor scalars. That gradient is multiplied by W, because DDP averages gradients over the W
     processes: after DDP's all-reduce-mean the update is exactly the single-process batch-B update. The
-    returned value is the global loss, the same on every process, and so is the per-sample state.
+    returned value is the global loss, the same on every process. The per-sample state is sharded by id over
+    the processes (see ``ContrastiveLoss``): each step fetches the batch's rows from their owners in one
+    all-reduce, and every owner writes back exactly what one process holding the whole state would.
 
     ``stats()`` (after a step): ``loss``; ``objective`` = mean over the global batch of
     τ^I(log s^I + ρ) + τ^T(log s^T + ρ) with the τ used in the step and the updated s; ``tau_img_mean`` /
