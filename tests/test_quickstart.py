@@ -12,7 +12,7 @@ from clip_dro.quickstart import LOSSES, TABLE_METRICS, run_quickstart
 
 
 def test_quickstart_writes_a_consistent_comparison(tmp_path):
-    table = run_quickstart(tmp_path, steps=2, num_train=480)
+    table = run_quickstart(tmp_path, steps=2, num_train=480, setup="scratch")
     written = json.loads((tmp_path / "comparison.json").read_text())
     assert written == json.loads(json.dumps(table)) and list(written) == list(LOSSES)
     for loss, row in written.items():
@@ -40,12 +40,14 @@ def test_quickstart_writes_a_consistent_comparison(tmp_path):
 
     # Over the same directory: the same settings resume (nothing retrained, the same table); other settings
     # are refused in one line instead of reporting the old runs as new.
-    assert run_quickstart(tmp_path, steps=2, num_train=480) == table
+    assert run_quickstart(tmp_path, steps=2, num_train=480, setup="scratch") == table
     with pytest.raises(UserError, match=r"holds a quickstart run with other settings .*train.max_steps = 2, "
                                         r"this run has 3"):
-        run_quickstart(tmp_path, steps=3, num_train=480)
+        run_quickstart(tmp_path, steps=3, num_train=480, setup="scratch")
+    with pytest.raises(UserError, match=r"other settings .*train.seed = 0, this run has 1"):
+        run_quickstart(tmp_path, steps=2, num_train=480, setup="scratch", seed=1)
     with pytest.raises(UserError, match="already holds another dataset"):
-        run_quickstart(tmp_path, steps=2, num_train=400)
+        run_quickstart(tmp_path, steps=2, num_train=400, setup="scratch")
     assert json.loads((tmp_path / "comparison.json").read_text()) == written
 
 
