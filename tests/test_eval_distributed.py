@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from clip_dro.cli import main
 from clip_dro.evaluation.run import evaluate_from_cli
@@ -23,17 +22,17 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
 
 
 def _assert_same_results(got: list[dict], want: list[dict]) -> None:
+    """Equal, not close: the processes' slices are cut at batch boundaries, so they encode exactly the
+    batches one process encodes."""
     assert [(r["task"], r["dataset"], r["skipped_images"], r["skipped_examples"]) for r in got] == \
            [(r["task"], r["dataset"], r["skipped_images"], r["skipped_examples"]) for r in want]
     for a, b in zip(got, want):
-        assert a["metrics"].keys() == b["metrics"].keys()
-        for key in b["metrics"]:
-            assert a["metrics"][key] == pytest.approx(b["metrics"][key], abs=1e-9), (a["dataset"], key)
+        assert a["metrics"] == b["metrics"], a["dataset"]
 
 
 def test_eval_on_two_processes_equals_one(tmp_path, bad_sets):  # noqa: F811
-    """Sets with undecodable images, three processes over 11 + 12 + 9 images: slices of unequal length,
-    skipped images in some slices only; results and the skipped list as one process computes them."""
+    """Sets with undecodable images (11 + 12 + 9 of them) in batches of 4 at 2 and 3 processes: slices of
+    unequal length, skipped images in some slices only; results and the skipped list as one process's."""
     bad, _ = bad_sets
     ckpt = make_checkpoint(tmp_path / "ckpt", seed=3)
     assert main(["eval", "--checkpoint", str(ckpt), *_cli_sets(bad), "--batch-size", str(BATCH), "--workers", "1",

@@ -145,6 +145,7 @@ def _evaluate(rank: int, world: int, data: str, batch_size: int) -> dict[str, An
     from clip_dro.evaluation.run import evaluate_sets, prepare_eval_sets
     from clip_dro.models import build_model
 
+    torch.manual_seed(0)  # the same random model in every process
     bundle = build_model("tiny-vit")
     retrieval, zeroshot = prepare_eval_sets([Path(data) / "retrieval"], [Path(data) / "zeroshot"])
     dist.barrier()

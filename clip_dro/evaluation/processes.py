@@ -34,9 +34,13 @@ class Processes:
         """All processes of the default torch.distributed group (one when it is not initialized)."""
         return cls(*process_group())
 
-    def part(self, length: int) -> slice:
-        """This process's contiguous share of ``length`` items (sizes differ by at most one)."""
-        return slice(length * self.rank // self.world, length * (self.rank + 1) // self.world)
+    def part(self, length: int, block: int = 1) -> slice:
+        """This process's contiguous share of ``length`` items, in whole blocks of ``block`` items (the last
+        block may be short). Cut at batch boundaries, the slices hold exactly the batches one process would
+        encode, so the embeddings are bit for bit one process's."""
+        blocks = -(-length // block)
+        start, stop = (blocks * r // self.world * block for r in (self.rank, self.rank + 1))
+        return slice(min(start, length), min(stop, length))
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Every process's ``rows`` (any number each, the same trailing shape; a process without rows may pass

@@ -32,7 +32,7 @@ from clip_dro.evaluation.checkpoint import (MODEL_NAME, load_checkpoint_config, 
                                             resolve_checkpoint)
 from clip_dro.evaluation.retrieval import retrieval_metrics
 from clip_dro.evaluation.temperatures import analyze_temperatures
-from clip_dro.evaluation.zeroshot import classification_metrics, zero_shot_classifier
+from clip_dro.evaluation.zeroshot import CLASSES_PER_BATCH, classification_metrics, zero_shot_classifier
 from clip_dro.manifest import is_url
 
 RESULTS_NAME = "eval.json"
@@ -127,7 +127,7 @@ def encode_retrieval_set(model: torch.nn.Module, tokenizer: Callable, preprocess
     An image that cannot be decoded leaves the set together with its captions, so that the set is scored as
     if that sample were not in it: no text->image query asks for an image that is not there, and no caption
     without its image competes in the image->text rankings."""
-    part = processes.part(len(info.images))
+    part = processes.part(len(info.images), batch_size)
 
     def encode_slice() -> tuple[torch.Tensor, torch.Tensor, list[int], list[BadImage]]:
         image_features, text_features, text_to_image, skipped = [], [], [], []
@@ -162,7 +162,7 @@ def classify_zeroshot_set(model: torch.nn.Module, tokenizer: Callable, preproces
     """Logits [N, C] (cosine similarity to each class embedding) and labels [N] of the decoded images of a
     zero-shot set, and the images that could not be decoded. With several ``processes`` each embeds its slice
     of the classes and classifies its slice of the images; every process gets the whole, in set order."""
-    classes = processes.part(len(zs.classnames))
+    classes = processes.part(len(zs.classnames), CLASSES_PER_BATCH)
 
     def embed_classes() -> torch.Tensor:
         if should_stop():
@@ -173,7 +173,7 @@ def classify_zeroshot_set(model: torch.nn.Module, tokenizer: Callable, preproces
 
     classifier, _ = processes.gather(processes.run_agreed(embed_classes))
     _require_finite(classifier, "class", zs.directory)
-    part = processes.part(len(zs.images))
+    part = processes.part(len(zs.images), batch_size)
 
     def encode_slice() -> tuple[torch.Tensor, list[int], list[BadImage]]:
         features, labels, skipped = [], [], []

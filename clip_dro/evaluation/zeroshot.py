@@ -19,11 +19,15 @@ import torch
 from clip_dro.evaluation.ranking import best_positive_rank
 
 
+CLASSES_PER_BATCH = 10  # the prompts of this many classes are encoded together
+
+
 def zero_shot_classifier(model: torch.nn.Module, tokenizer: Callable, classnames: Sequence[str],
                          templates: Sequence[Callable[[str], str]], device: torch.device | str) -> torch.Tensor:
     """Class embeddings [d, C] (columns L2-normalized) from prompts ``template(classname)``."""
     return open_clip.build_zero_shot_classifier(model, tokenizer, list(classnames), list(templates),
-                                                num_classes_per_batch=10, device=device, use_tqdm=False).float()
+                                                num_classes_per_batch=CLASSES_PER_BATCH, device=device,
+                                                use_tqdm=False).float()
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
