@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from clip_dro.cli import main
 from clip_dro.evaluation.run import evaluate_from_cli
 from evalgen import make_checkpoint
