@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import reduce
 
+from clip_dro.collectives import sum_over_processes
 from clip_dro.config import Config, load_config, save_config
 from clip_dro.errors import UserError, first_line
 from clip_dro.losses import ContrastiveLoss
@@ -211,20 +211,14 @@ def temperature_shards_to_csv(shards: list[Path], path: Path) -> None:
     """``side,index,tau`` rows for every image and text (SPEC 5), sorted by side and index."""
     import pandas as pd
 
+    parts = [np.load(shard) for shard in shards]
     frames = []
     for side in ("image", "text"):
-        parts = [np.load(shard) for shard in shards]
         index = np.concatenate([p[f"{side}_index"] for p in parts])
         tau = np.concatenate([p[f"{side}_tau"] for p in parts])
         order = np.argsort(index, kind="stable")
         frames.append(pd.DataFrame({"side": side, "index": index[order], "tau": tau[order]}))
     pd.concat(frames, ignore_index=True).to_csv(path, index=False)
-
-
-def sum_over_processes(device: torch.device, *values: float) -> list[float]:
-    """Each value summed over all processes, in one all-reduce (a collective: every process must call it), so
-    that every process takes the same decision and none goes on alone into a collective."""
-    return reduce(torch.tensor([float(v) for v in values], device=device), reduction="sum").tolist()
 
 
 def _agree_written(acc: Accelerator, error: Optional[Exception], tmp_dir: Path, final_dir: Path) -> None:
@@ -240,16 +234,17 @@ def _agree_written(acc: Accelerator, error: Optional[Exception], tmp_dir: Path, 
 
 
 def save_checkpoint(acc: Accelerator, final_dir: Path, loss_fn: ContrastiveLoss, open_clip_state: Callable[[], dict],
-                    config: Config, trainer_state: TrainerState, per_sample_tau: bool) -> Path:
+                    config: Config, trainer_state: TrainerState) -> Path:
     """Write checkpoint ``final_dir`` under a temporary name, then move it into place, so that an interrupted
     save never looks like a complete checkpoint. Every process writes its own shard of the loss state (and of
-    the temperatures) in parallel; the main process writes what is shared and, last, ``trainer_state.json``.
-    A collective: every process must call it."""
+    the temperatures, for a loss that has per-sample ones) in parallel; the main process writes what is shared
+    and, last, ``trainer_state.json``. A collective: every process must call it."""
     tmp_dir = final_dir.with_name(final_dir.name + ".tmp")
     rank, world = acc.process_index, acc.num_processes
+    temperatures = loss_fn.owned_temperatures()
     if acc.is_main_process:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        for sub in (LOSS_STATE_DIR, TEMPERATURES_DIR) if per_sample_tau else (LOSS_STATE_DIR,):
+        for sub in (LOSS_STATE_DIR, TEMPERATURES_DIR) if temperatures is not None else (LOSS_STATE_DIR,):
             (tmp_dir / sub).mkdir(parents=True)
     acc.wait_for_everyone()
     error: Optional[Exception] = None
@@ -258,9 +253,8 @@ def save_checkpoint(acc: Accelerator, final_dir: Path, loss_fn: ContrastiveLoss,
         # On the CPU: a multi-process CPU run tags its tensors cpu:0, a location torch.load cannot restore.
         torch.save({k: v.cpu() for k, v in loss_fn.state_dict().items()},
                    tmp_dir / LOSS_STATE_DIR / shard_name(rank, world, "pt"))
-        if per_sample_tau:
-            write_temperature_shard(tmp_dir / TEMPERATURES_DIR / shard_name(rank, world, "npz"),
-                                    loss_fn.owned_temperatures())
+        if temperatures is not None:
+            write_temperature_shard(tmp_dir / TEMPERATURES_DIR / shard_name(rank, world, "npz"), temperatures)
     except Exception as exc:  # noqa: BLE001  a full disk or a file-size limit surfaces as OSError,
         error = exc           # RuntimeError (torch) or SafetensorError: every process must hear of it
     _agree_written(acc, error, tmp_dir, final_dir)
@@ -268,7 +262,7 @@ def save_checkpoint(acc: Accelerator, final_dir: Path, loss_fn: ContrastiveLoss,
         try:
             torch.save(open_clip_state(), tmp_dir / MODEL_FILE)
             save_config(config, tmp_dir / "config.yaml")
-            if per_sample_tau and trainer_state.num_images + trainer_state.num_texts <= CSV_MAX_ROWS:
+            if temperatures is not None and trainer_state.num_images + trainer_state.num_texts <= CSV_MAX_ROWS:
                 temperature_shards_to_csv(shard_files(tmp_dir / TEMPERATURES_DIR, "npz"),
                                           tmp_dir / TEMPERATURES_FILE)
             trainer_state.write(tmp_dir)  # last: its presence marks the checkpoint complete

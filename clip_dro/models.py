@@ -172,9 +172,7 @@ def build_model(
     else:
         tokenizer = open_clip.get_tokenizer(name)
 
-    # open_clip loads whole-model weights itself, except into a model whose text tower is not yet in place.
-    model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
-        name, pretrained=None if use_adapter else pretrained, **kwargs)
+    model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(name, **kwargs)
     if use_adapter:
         try:
             model.text = HFTextTower(Path(text_cfg["hf_model_name"]), model_cfg["embed_dim"],
@@ -183,8 +181,9 @@ def build_model(
         except ValueError as exc:
             raise ModelError(f"model.text_tower: {exc}") from None
         model.context_length, model.vocab_size = model.text.context_length, model.text.vocab_size
-        if pretrained is not None:
-            open_clip.load_checkpoint(model, pretrained, strict=True)
+    # Whole-model weights load once every tower is in place, the adapter's included.
+    if pretrained is not None:
+        open_clip.load_checkpoint(model, pretrained, strict=True)
     if image_file is not None:
         try:
             load_trunk_weights(model.visual.trunk, image_file)

@@ -20,8 +20,8 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
-from clip_dro.checkpoint import (TrainerState, check_resumable, load_checkpoint, prune, resolve_resume,
-                                 save_checkpoint, sum_over_processes)
+from clip_dro.checkpoint import TrainerState, check_resumable, load_checkpoint, prune, resolve_resume, save_checkpoint
+from clip_dro.collectives import sum_over_processes
 from clip_dro.config import Config, load_config, save_config
 from clip_dro.data.train_loader import TrainBatch, TrainLoader, check_layout
 from clip_dro.errors import UserError, first_line
@@ -34,8 +34,6 @@ from clip_dro.resources import resolve_config_path
 from clip_dro.run_lock import RunDirBusy, lock_run_dir
 
 log = logging.getLogger("clip_dro.train")
-
-PER_SAMPLE_TEMPERATURE_LOSSES = {"isogclr"}
 
 
 class NonFiniteLoss(UserError):
@@ -174,7 +172,7 @@ class Trainer:
         """Write checkpoint ``name`` (``checkpoints/step-N`` or ``final``), every process its part, and keep
         the newest ``train.keep_checkpoints``."""
         final_dir = save_checkpoint(self.accelerator, self.run_dir / name, self.loss_fn, self._open_clip_state_dict,
-                                    self.cfg, self._state(), self.cfg.loss.name in PER_SAMPLE_TEMPERATURE_LOSSES)
+                                    self.cfg, self._state())
         if self.accelerator.is_main_process:
             prune(self.run_dir, self.cfg.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()

@@ -190,8 +190,15 @@ def _check_outputs(command: str, workspace: Path) -> None:
     elif command.startswith("clip-dro quickstart"):
         assert set(json.loads((home / "quickstart/comparison.json").read_text())) == {"clip", "sogclr", "isogclr"}
     elif command.startswith("clip-dro bench"):
-        cases = {r["case"] for r in json.loads((home / "bench.json").read_text())["results"]}
-        assert {"loss_step", "train_step", "loader", "prep"} <= cases
+        results = json.loads((home / "bench.json").read_text())["results"]
+        assert {"loss_step", "train_step", "loader", "prep", "state_bytes", "checkpoint_write",
+                "eval_processes"} <= {r["case"] for r in results}
+        for r in results:  # the scale-out cases check what they measure
+            if r["case"] == "state_bytes":
+                assert r["bytes_per_process"] == r["arithmetic_bytes"], r
+                assert r["collectives_per_step"] == (0 if r["W"] == 1 else 3), r
+            if r["case"] == "eval_processes":
+                assert r["max_metric_difference"] == 0.0, r
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[f"{i:02d}-{c[:40]}" for i, c in enumerate(COMMANDS)])

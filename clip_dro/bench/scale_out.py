@@ -19,7 +19,6 @@ from clip_dro.checkpoint import shard_name, write_temperature_shard
 from clip_dro.losses import ISogCLRLoss
 from clip_dro.losses.state import StateShard
 
-STATE_BYTES_PER_ID = 13  # iSogCLR: log s, τ, m (float32) and the visited flag (bool)
 
 
 def _free_port() -> int:
@@ -70,7 +69,7 @@ class _CountedCollectives:
 
 def _state_and_step(rank: int, world: int, num_ids: int, batch: int, dim: int) -> dict[str, Any]:
     loss = ISogCLRLoss(num_ids, num_ids)
-    allocated = sum(b.numel() * b.element_size() for name, b in loss.named_buffers() if name.startswith(("img.", "txt.")))
+    allocated = sum(b.nbytes for name, b in loss.named_buffers() if name.startswith(("img.", "txt.")))
     gen = torch.Generator().manual_seed(rank)
     local = batch // world
     features = [torch.nn.functional.normalize(torch.randn(local, dim, generator=gen), dim=1) for _ in range(2)]
@@ -86,10 +85,12 @@ def bench_state_bytes(num_ids: int = 1_000_000, worlds: tuple[int, ...] = (1, 2,
     """Per-sample state bytes per process at each W (allocated buffers, against 13 B x 2 sides x ceil(N/W)),
     the collectives of one iSogCLR step per process (count and bytes), and the arithmetic for a dataset of
     ``simulated_ids`` image-text pairs."""
+    # what the layout promises: each side's bytes per sample (13 for iSogCLR) for the ids a process owns
+    per_pair = sum(ISogCLRLoss(1, 1).bytes_per_sample().values())
     rows = []
     for world in worlds:
         per_rank = _spawn(world, _state_and_step, num_ids, batch, dim)
-        expected = 2 * STATE_BYTES_PER_ID * StateShard(0, world).size(num_ids)
+        expected = per_pair * StateShard(0, world).size(num_ids)
         calls = per_rank[0]["collectives"]
         rows.append({"case": "state_bytes", "W": world, "ids": num_ids, "B": batch,
                      "bytes_per_process": max(r["allocated"] for r in per_rank), "arithmetic_bytes": expected,
@@ -97,7 +98,7 @@ def bench_state_bytes(num_ids: int = 1_000_000, worlds: tuple[int, ...] = (1, 2,
                      "collectives": [f"{name} {size} B" for name, size in calls]})
     for world in (1, 8, 64, 512):
         rows.append({"case": "state_bytes_simulated", "W": world, "ids": simulated_ids,
-                     "bytes_per_process": 2 * STATE_BYTES_PER_ID * StateShard(0, world).size(simulated_ids)})
+                     "bytes_per_process": per_pair * StateShard(0, world).size(simulated_ids)})
     return rows
 
 

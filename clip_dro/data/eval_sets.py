@@ -92,7 +92,7 @@ class BadImage:
     reason: str
 
 
-# Reading adds OSError for an unreadable file and tarfile.TarError for a shard member cut short.
+# Reading adds tarfile.TarError for a shard member cut short (OSError is already in DECODE_ERRORS).
 _READ_ERRORS = (*DECODE_ERRORS, tarfile.TarError)
 
 

@@ -33,8 +33,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clip_dro.data import lanes as plan
-from clip_dro.data.shard_reader import DECODE_ERRORS, WHITE, RawSample, ShardDataError, decode_rgb, parse_background, raw_sample, \
-    shard_samples
+from clip_dro.data.shard_reader import (DECODE_ERRORS, WHITE, RawSample, ShardDataError, decode_rgb,
+                                       parse_background, raw_sample, shard_samples)
 from clip_dro.errors import UserError
 from clip_dro.manifest import Location, Manifest, as_location, join_location, load_manifest
 

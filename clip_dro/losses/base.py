@@ -161,6 +161,11 @@ class ContrastiveLoss(nn.Module, ABC):
         """Bytes of per-sample state per image and per caption (SPEC: at most 24)."""
         return {"image": 0, "text": 0}
 
+    def owned_temperatures(self) -> Optional[dict[str, tuple[Tensor, Tensor]]]:
+        """Per side, (global ids, τ) of the samples whose state this process owns (no communication); None
+        for a loss without per-sample temperatures."""
+        return None
+
     @property
     @abstractmethod
     def tau_img(self) -> Tensor:

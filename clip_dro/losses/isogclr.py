@@ -126,10 +126,9 @@ class _RobustLoss(ContrastiveLoss):
             return expanded(self.tau, size)
         return expanded(torch.tensor(self.tau_init, device=side.log_s.device), size)
 
-    def owned_temperatures(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """Per side, (global ids, τ) of the samples whose state this process owns: no communication."""
+    def owned_temperatures(self) -> Optional[dict[str, tuple[Tensor, Tensor]]]:
         if self.tau_mode != "individual":
-            raise ValueError(f"{type(self).__name__} has no per-sample temperatures")
+            return None
         return {"image": (self.img.shard.ids(self.num_images), self.img.tau),
                 "text": (self.txt.shard.ids(self.num_texts), self.txt.tau)}
 

@@ -132,15 +132,22 @@ class SideState(nn.Module):
     def bytes_per_sample(self) -> int:
         return sum(buffer.element_size() for buffer in self.buffers())
 
+    def _owned(self, ids: Tensor) -> Optional[Tensor]:
+        """Which of ``ids`` this process owns; None when it owns them all (then nothing is masked, and no
+        boolean indexing makes the device wait)."""
+        return None if self.shard.world == 1 else ids % self.shard.world == self.shard.rank
+
     def owned_rows(self, ids: Tensor, device: torch.device) -> Tensor:
         """[len(ids), columns] float32 on ``device``: this process's state at the ids it owns, 0 elsewhere."""
         ids = ids.to(self.log_s.device)
-        owned = ids % self.shard.world == self.shard.rank
-        local = torch.where(owned, ids // self.shard.world, 0)
+        owned = self._owned(ids)
+        local = ids if owned is None else torch.where(owned, ids // self.shard.world, 0)
         columns = [self.log_s[local], self.visited[local].float()]
         if self.individual_tau:
             columns += [self.tau[local], self.m[local]]
-        rows = torch.where(owned[:, None], torch.stack(columns, 1), 0.0)
+        rows = torch.stack(columns, 1)
+        if owned is not None:
+            rows = torch.where(owned[:, None], rows, 0.0)
         return rows.to(device)
 
     def batch_state(self, rows: Tensor) -> BatchState:
@@ -152,13 +159,15 @@ class SideState(nn.Module):
         """Write the updated rows of the ids this process owns (every position of an id carries the same
         values, so the scattered writes are deterministic); marks them visited."""
         ids = ids.to(self.log_s.device)
-        owned = ids % self.shard.world == self.shard.rank
-        local = ids[owned] // self.shard.world
-        self.log_s[local] = log_s[owned.to(log_s.device)].to(self.log_s)
-        self.visited[local] = True
+        owned = self._owned(ids)
+        if owned is not None:
+            ids, keep = ids[owned] // self.shard.world, owned.to(log_s.device)
+            log_s, tau, m = (None if v is None else v[keep] for v in (log_s, tau, m))
+        self.log_s[ids] = log_s.to(self.log_s)
+        self.visited[ids] = True
         if tau is not None:
-            self.tau[local] = tau[owned.to(tau.device)].to(self.tau)
-            self.m[local] = m[owned.to(m.device)].to(self.m)
+            self.tau[ids] = tau.to(self.tau)
+            self.m[ids] = m.to(self.m)
 
     def full(self, name: str) -> Tensor:
         """Buffer ``name`` for every id in [0, size): the buffer itself when this process owns all ids, else
