@@ -10,48 +10,45 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-import faultlib  # noqa: E402
+from clip_dro.bench import faults
 
 
 def scenarios(rng: random.Random):
     """(fault name, how it is struck, function of (data, reference, run_dir) -> None) for one trial."""
-    steps, every = faultlib.STEPS, faultlib.CHECKPOINT_EVERY
+    steps, every = faults.STEPS, faults.CHECKPOINT_EVERY
     at = rng.randint(1, steps - 1)
     yield ("kill -9 of the training process", f"after step {at}",
-           lambda d, r, out: faultlib.kill9_during_training(d, r, out, 1, at))
+           lambda d, r, out: faults.kill9_during_training(d, r, out, 1, at))
     at2 = rng.randint(1, steps - 1)
     yield ("kill -9 of one of 2 processes", f"after step {at2}",
-           lambda d, r, out: faultlib.kill9_during_training(d, r, out, 2, at2))
+           lambda d, r, out: faults.kill9_during_training(d, r, out, 2, at2))
     ck = rng.choice(range(every, steps, every))
     yield ("kill -9 inside a checkpoint write", f"step-{ck}",
-           lambda d, r, out: faultlib.kill9_inside_checkpoint_write(d, r, out, ck))
-    damage = rng.choice(sorted(faultlib.DAMAGES))
-    yield ("damaged shard met in training (stop)", damage, lambda d, r, out: faultlib.damaged_shard(d, out, damage))
-    skip_damage, skip_at = rng.choice(sorted(faultlib.DAMAGES)), rng.randint(1, steps - 1)
+           lambda d, r, out: faults.kill9_inside_checkpoint_write(d, r, out, ck))
+    damage = rng.choice(sorted(faults.DAMAGES))
+    yield ("damaged shard met in training (stop)", damage, lambda d, r, out: faults.damaged_shard(d, out, damage))
+    skip_damage, skip_at = rng.choice(sorted(faults.DAMAGES)), rng.randint(1, steps - 1)
     yield ("damaged shard met in training (skip), kill -9", f"{skip_damage}, after step {skip_at}",
-           lambda d, r, out: faultlib.damaged_shard_skipped(d, out, skip_damage, skip_at))
+           lambda d, r, out: faults.damaged_shard_skipped(d, out, skip_damage, skip_at))
     frm, limit = rng.choice(range(every, steps - every + 1, every)), rng.choice([1 << 16, 1 << 20, 1 << 23])
     yield ("disk full while checkpointing", f"from step-{frm}, files <= {limit >> 10} KiB",
-           lambda d, r, out: faultlib.disk_full_while_checkpointing(d, r, out, frm, limit))
+           lambda d, r, out: faults.disk_full_while_checkpointing(d, r, out, frm, limit))
     ev = rng.choice(range(every, steps, every))
     yield ("SIGTERM during evaluation", f"evaluation after step {ev}",
-           lambda d, r, out: faultlib.sigterm_during_evaluation(d, r, out, ev))
+           lambda d, r, out: faults.sigterm_during_evaluation(d, r, out, ev))
     first = rng.choice(range(every, steps, every))
     yield ("SIGTERM in the first step after resume", f"resumed from step-{first}",
-           lambda d, r, out: faultlib.sigterm_in_first_step_after_resume(d, r, out, first))
+           lambda d, r, out: faults.sigterm_in_first_step_after_resume(d, r, out, first))
     lock_at = rng.randint(1, steps - 1)
     yield ("two runs on one output_dir", f"first run held at step {lock_at}",
-           lambda d, r, out: faultlib.two_runs_on_one_directory(d, r, out, lock_at))
+           lambda d, r, out: faults.two_runs_on_one_directory(d, r, out, lock_at))
     peer_at = rng.randint(1, 10)
     yield ("one process of two dies", f"after step {peer_at}",
-           lambda d, r, out: faultlib.peer_dies(d, out, peer_at))
+           lambda d, r, out: faults.peer_dies(d, out, peer_at))
 
 
 def main() -> None:
@@ -64,8 +61,8 @@ def main() -> None:
     trials = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = faultlib.prep_data(root / "data")
-        reference = faultlib.reference_runs(data, root / "reference")
+        data = faults.prep_data(root / "data")
+        reference = faults.reference_runs(data, root / "reference")
         for trial in range(args.trials):
             for number, (fault, point, strike) in enumerate(scenarios(rng)):
                 start = time.perf_counter()

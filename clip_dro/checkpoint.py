@@ -1,16 +1,19 @@
-"""Checkpoint directories of a run (SPEC 4.6, 6): written by every process in parallel and atomically, found
-again for resuming, checked against the dataset they are resumed on, and loaded at any number of processes.
+"""The checkpoint format (design.md §7.2): checkpoint directories written by every process in parallel and
+atomically, found again (for resuming and for evaluation), checked against the dataset they are resumed on,
+and loaded at any number of processes; and the files of learned temperatures, written and read here.
 
 A checkpoint directory holds accelerate's state (model, optimizer, gradient scaler, every process's RNG),
 ``loss_state/shard-R-of-W.pt`` (process R's shard of the loss's per-sample state, written by R),
 ``trainer_state.json`` (position in the data, schedule, dataset fingerprint), ``model.pt`` (an open_clip state
 dict), ``config.yaml`` and, for runs with per-sample temperatures, ``temperatures/shard-R-of-W.npz`` (arrays
 ``image_index``, ``image_tau``, ``text_index``, ``text_tau`` of the ids process R owns) plus, while it stays
-small (``CSV_MAX_ROWS``), ``temperatures.csv`` with every row (``side,index,tau``).
+small (``CSV_MAX_ROWS``), ``temperatures.csv`` with every row (``side,index,tau``). A run directory holds
+``final/`` once training has finished and ``checkpoints/step-N/`` before that.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import asdict, dataclass, fields
@@ -18,29 +21,38 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import pandas as pd
 import torch
 from accelerate import Accelerator
 
-from clip_dro.collectives import sum_over_processes
 from clip_dro.config import Config, load_config, save_config
+from clip_dro.distributed import sum_over_processes
 from clip_dro.errors import UserError, first_line
 from clip_dro.losses import ContrastiveLoss
 from clip_dro.losses.state import StateShard, reshard
 from clip_dro.manifest import Manifest
+from clip_dro.models import ModelBundle, build_model
 
 TRAINER_STATE = "trainer_state.json"
 LOSS_STATE_DIR = "loss_state"
 LEGACY_LOSS_STATE = "loss_state.pt"  # one file, written by rank 0 before the state was sharded
 MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.yaml"
 TEMPERATURES_DIR = "temperatures"
 TEMPERATURES_FILE = "temperatures.csv"
 CSV_MAX_ROWS = 1_000_000  # ~25 MB of CSV; beyond it only the per-shard .npz files are written
+SIDES = ("image", "text")
+TEMPERATURE_COLUMNS = ("side", "index", "tau")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SHARD_FILE = re.compile(r"^shard-(\d+)-of-(\d+)\.(pt|npz)$")
 
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, incomplete, or belongs to another dataset or model."""
+
+
+class TemperatureError(UserError):
+    """A temperatures file or training set that cannot be analysed; the message names the file or row."""
 
 
 @dataclass
@@ -144,38 +156,60 @@ def check_resumable(directory: Path, config: Config, manifest: Manifest, global_
                            config.model.name, config.loss.name)
     state.check_same_sequence(directory, global_batch, lanes)
     try:
-        saved = load_config(directory / "config.yaml")
+        saved = load_config(directory / CONFIG_FILE)
     except UserError as exc:
         raise CheckpointError(f"checkpoint {directory}: its config.yaml cannot be used ({exc})") from None
     check_same_settings(directory, saved.to_dict(), config.to_dict())
 
 
-def step_dirs(run_dir: Path, marker: str = TRAINER_STATE) -> list[Path]:
-    """``checkpoints/step-N`` directories of a run that hold ``marker`` (written last: the checkpoint is
-    complete), oldest first."""
+def step_dirs(run_dir: Path, needs: str = TRAINER_STATE) -> list[Path]:
+    """``checkpoints/step-N`` directories of a run that hold ``needs``, oldest first."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and (p / marker).is_file()]
+             if (m := _STEP_DIR.match(p.name)) and (p / needs).is_file()]
     return [p for _, p in sorted(found)]
 
 
+def latest_checkpoint(run_dir: Path, needs: str = TRAINER_STATE) -> Optional[Path]:
+    """The newest checkpoint of a run: ``final`` once the run has finished, else its highest ``step-N``; None
+    if there is none yet. A directory counts when it holds ``needs``, the file its reader reads:
+    ``trainer_state.json`` to resume, ``model.pt`` to evaluate. A checkpoint is written under ``NAME.tmp``
+    with ``trainer_state.json`` last and only then renamed into place, so among the directories the trainer
+    writes both choose the same; ``model.pt`` also admits one assembled by hand (weights and config)."""
+    if (run_dir / "final" / needs).is_file():
+        return run_dir / "final"
+    found = step_dirs(run_dir, needs)
+    return found[-1] if found else None
+
+
 def resolve_resume(resume: Optional[str], run_dir: Path) -> Optional[Path]:
-    """``null`` -> None; ``latest`` -> the newest complete checkpoint of this run: ``final`` once the run has
-    finished, else its highest step (None if there is none yet); otherwise the named checkpoint directory,
-    which must be complete."""
+    """``null`` -> None; ``latest`` -> this run's :func:`latest_checkpoint` (None if there is none yet);
+    otherwise the named checkpoint directory, which must be complete."""
     if resume is None:
         return None
     if resume == "latest":
-        if (run_dir / "final" / TRAINER_STATE).is_file():
-            return run_dir / "final"
-        found = step_dirs(run_dir)
-        return found[-1] if found else None
+        return latest_checkpoint(run_dir)
     path = Path(resume)
     if not (path / TRAINER_STATE).is_file():
         raise CheckpointError(f"train.resume: {path} is not a complete checkpoint directory ({TRAINER_STATE} missing)")
     return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory that ``path`` names for evaluation: itself if it holds ``model.pt``; for a run
+    directory its :func:`latest_checkpoint` that holds ``model.pt`` (``final/`` first)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
+    if (path / MODEL_FILE).is_file():
+        return path
+    chosen = latest_checkpoint(path, needs=MODEL_FILE)
+    if chosen is None:
+        raise CheckpointError(f"checkpoint {path} is neither a checkpoint directory (no {MODEL_FILE}) nor a run "
+                              "directory (no final/ and no checkpoints/step-N/ with one)")
+    return chosen
 
 
 def shard_name(rank: int, world: int, suffix: str) -> str:
@@ -208,17 +242,75 @@ def write_temperature_shard(path: Path, owned: dict[str, tuple[torch.Tensor, tor
 
 
 def temperature_shards_to_csv(shards: list[Path], path: Path) -> None:
-    """``side,index,tau`` rows for every image and text (SPEC 5), sorted by side and index."""
-    import pandas as pd
-
-    parts = [np.load(shard) for shard in shards]
+    """``side,index,tau`` rows for every image and text (design.md §7.4), sorted by side and index."""
     frames = []
-    for side in ("image", "text"):
-        index = np.concatenate([p[f"{side}_index"] for p in parts])
-        tau = np.concatenate([p[f"{side}_tau"] for p in parts])
-        order = np.argsort(index, kind="stable")
-        frames.append(pd.DataFrame({"side": side, "index": index[order], "tau": tau[order]}))
+    for side in SIDES:
+        rows = pd.concat([frame[frame["side"] == side] for frame in map(_temperature_shard, shards)])
+        frames.append(rows.sort_values("index", kind="stable"))
     pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+
+
+def read_temperatures(path: str | Path) -> pd.DataFrame:
+    """A frame with columns side, index (int) and tau (float), checked: ``path`` is a checkpoint directory (its
+    ``temperatures/`` shards, else its ``temperatures.csv``), a directory of ``.npz`` shards, or a CSV file."""
+    path = Path(path)
+    if path.is_dir() and (path / TEMPERATURES_DIR).is_dir():
+        path = path / TEMPERATURES_DIR
+    elif path.is_dir() and (path / TEMPERATURES_FILE).is_file():
+        path = path / TEMPERATURES_FILE
+    if path.is_dir():
+        try:
+            shards = shard_files(path, "npz")
+        except UserError as exc:
+            raise TemperatureError(str(exc)) from None
+        frame = pd.concat([_temperature_shard(shard) for shard in shards], ignore_index=True)
+        return frame.astype({"index": "int64", "tau": "float64"})
+    if not path.is_file():
+        raise TemperatureError(f"temperatures file {path} does not exist")
+    return _temperature_csv(path)
+
+
+def _temperature_shard(path: Path) -> pd.DataFrame:
+    """One ``.npz`` shard's rows, checked, in the dtypes written."""
+    try:
+        arrays = np.load(path)
+        frames = [pd.DataFrame({"side": side, "index": arrays[f"{side}_index"], "tau": arrays[f"{side}_tau"]})
+                  for side in SIDES]
+    except (OSError, ValueError, KeyError) as exc:
+        raise TemperatureError(f"{path}: not a temperatures shard ({first_line(exc)})") from None
+    frame = pd.concat(frames, ignore_index=True)
+    _check_temperature_rows(frame, lambda row: f"{path} {frame['side'][row]} entry {row}")
+    return frame
+
+
+def _temperature_csv(path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(path)
+    missing = [c for c in TEMPERATURE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise TemperatureError(f"{path}: missing column {missing[0]!r} (expected columns "
+                               f"{','.join(TEMPERATURE_COLUMNS)})")
+    # Data row r is line r + 2 of the file (line 1 is the header).
+    bad_side = ~frame["side"].isin(SIDES)
+    if bad_side.any():
+        row = int(bad_side.idxmax())
+        raise TemperatureError(f"{path} line {row + 2}: side {frame['side'][row]!r} is not 'image' or 'text'")
+    _check_temperature_rows(frame, lambda row: f"{path} line {row + 2}")
+    return pd.DataFrame({"side": frame["side"], "index": pd.to_numeric(frame["index"]).astype("int64"),
+                         "tau": pd.to_numeric(frame["tau"]).astype("float64")})
+
+
+def _check_temperature_rows(frame: pd.DataFrame, where: Callable[[int], str]) -> None:
+    """Indices non-negative integers, temperatures positive and finite; the first bad row is named with its
+    value as written."""
+    index, tau = pd.to_numeric(frame["index"], errors="coerce"), pd.to_numeric(frame["tau"], errors="coerce")
+    bad_index = index.isna() | (index < 0) | (index % 1 != 0)
+    if bad_index.any():
+        row = int(bad_index.idxmax())
+        raise TemperatureError(f"{where(row)}: index {frame['index'][row]!r} is not a non-negative integer")
+    bad_tau = ~((tau > 0) & (tau < math.inf))
+    if bad_tau.any():
+        row = int(bad_tau.idxmax())
+        raise TemperatureError(f"{where(row)}: tau {frame['tau'][row]!r} is not a positive finite number")
 
 
 def _agree_written(acc: Accelerator, error: Optional[Exception], tmp_dir: Path, final_dir: Path) -> None:
@@ -261,7 +353,7 @@ def save_checkpoint(acc: Accelerator, final_dir: Path, loss_fn: ContrastiveLoss,
     if acc.is_main_process:
         try:
             torch.save(open_clip_state(), tmp_dir / MODEL_FILE)
-            save_config(config, tmp_dir / "config.yaml")
+            save_config(config, tmp_dir / CONFIG_FILE)
             if temperatures is not None and trainer_state.num_images + trainer_state.num_texts <= CSV_MAX_ROWS:
                 temperature_shards_to_csv(shard_files(tmp_dir / TEMPERATURES_DIR, "npz"),
                                           tmp_dir / TEMPERATURES_FILE)
@@ -279,7 +371,7 @@ def loss_state_shards(directory: Path) -> list[dict]:
     """The loss-state shards of a checkpoint (memory-mapped: a process reads only the ids it will own)."""
     legacy = directory / LEGACY_LOSS_STATE
     paths = [legacy] if legacy.is_file() else shard_files(directory / LOSS_STATE_DIR, "pt")
-    return [torch.load(path, map_location="cpu", mmap=True) for path in paths]
+    return [torch.load(path, map_location="cpu", mmap=True, weights_only=True) for path in paths]
 
 
 def read_loss_state(directory: Path) -> dict:
@@ -290,6 +382,32 @@ def read_loss_state(directory: Path) -> dict:
     state = reshard(shards, {"img.": int(sizes[0]), "txt.": int(sizes[1])}, StateShard())
     state["shard_layout"] = torch.tensor([0, 1])
     return state
+
+
+def load_checkpoint_config(directory: Path) -> Config:
+    """The run config a checkpoint was trained with."""
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {directory} has no {CONFIG_FILE} (the run config it was trained with)")
+    return load_config(path)
+
+
+def load_checkpoint_model(directory: str | Path) -> tuple[ModelBundle, Config]:
+    """The model of a checkpoint directory, built from its config's architecture with its weights."""
+    directory = Path(directory)
+    cfg = load_checkpoint_config(directory)
+    weights = directory / MODEL_FILE
+    try:
+        bundle = build_model(cfg.model.name, pretrained=str(weights), text_tower=cfg.model.text_tower)
+    except UserError:
+        raise
+    except Exception as exc:
+        # The architecture builds without weights, so a failure here is the weights file's: load_state_dict's
+        # RuntimeError (missing, unexpected, mis-shaped keys), open_clip's shape asserts, or an unreadable file.
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise CheckpointError(f"checkpoint {weights} does not match model {cfg.model.name!r} of its config "
+                              f"{directory / CONFIG_FILE}: {detail}") from None
+    return bundle, cfg
 
 
 def load_checkpoint(acc: Accelerator, directory: Path, loss_fn: ContrastiveLoss) -> TrainerState:

@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from clip_dro import console
 from clip_dro.errors import UserError
 
 
 QUICK_BENCH = dict(loss_batch_sizes=(256,), train_batch=32, prep_images=200, state_ids=10_000,
-                   checkpoint_ids=100_000)
+                   checkpoint_ids=100_000, eval_images=500, eval_classes=20)
 
 
 def _call(module: str, function: str, **kwargs) -> object:
@@ -76,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prep_common(p)
     p.set_defaults(run=lambda a: _call("data_prep.reshard", "prep_wds", input=a.input, **_prep_args(a)))
 
+    p = prep_sub.add_parser("tuxpaint", help="the Tux Paint stamps (Debian tuxpaint-stamps-default): drawings with "
+                                             "English descriptions; train, retrieval and zeroshot splits")
+    p.add_argument("--stamps", type=Path, default=Path("/usr/share/tuxpaint/stamps"),
+                   help="the stamps directory (default /usr/share/tuxpaint/stamps)")
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--held-out-fraction", type=float, default=0.2,
+                   help="share of each category held out for the retrieval and zeroshot sets (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the shuffle (default 0)")
+    p.add_argument("--image-size", type=int, default=None, help="resize so the shorter side is PX (default: keep)")
+    p.add_argument("--workers", type=int, default=None, help="parallel image workers (default: CPU count)")
+    p.add_argument("--svg-renderer", choices=["auto", "cairosvg", "rsvg-convert", "none"], default="auto",
+                   help="renders the SVG stamps (default auto: the first at hand; none, or none at hand: SVG "
+                        "stamps are left out and counted)")
+    p.set_defaults(run=lambda a: _call("data_prep.tuxpaint", "prep_tuxpaint", stamps=a.stamps, output=a.output,
+                                       held_out_fraction=a.held_out_fraction, seed=a.seed,
+                                       image_size=a.image_size, workers=a.workers, svg_renderer=a.svg_renderer))
+
     p = sub.add_parser("train", help="train CLIP, SogCLR or iSogCLR from a YAML config")
     p.add_argument("--config", required=True, type=Path,
                    help="a YAML file, or the name of a shipped config (tiny_cpu, pretrained_cpu, cc3m_isogclr, ...)")
@@ -83,13 +101,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: _call("clip_dro.trainer", "train_from_cli", config_path=a.config,
                                        overrides=a.overrides))
 
-    p = sub.add_parser("eval", help="retrieval and zero-shot classification of a checkpoint")
-    p.add_argument("--checkpoint", required=True, type=Path, help="a run directory or a checkpoint directory")
-    p.add_argument("--retrieval", nargs="*", default=[], help="prep retrieval set directories or their URLs")
-    p.add_argument("--zeroshot", nargs="*", default=[], help="zero-shot set directories or their URLs")
-    p.add_argument("--output", type=Path, default=None, help="results JSON (default: beside the checkpoint)")
+    p = sub.add_parser("eval", help="retrieval and zero-shot classification of a checkpoint or any open_clip model")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, default=None, help="a run directory or a checkpoint directory")
+    model.add_argument("--model", default=None,
+                       help="an open_clip architecture (ViT-B-32, RN50, ...) or one of configs/models, evaluated "
+                            "with the weights of --pretrained")
+    p.add_argument("--pretrained", type=Path, default=None,
+                   help="with --model: a local weights file open_clip reads (.pt/.pth/.bin/.safetensors state dict, "
+                        "an OpenAI JIT archive); nothing is downloaded")
+    p.add_argument("--text-tower", default=None,
+                   help="with --model: the local Hugging Face directory (or package:NAME) of a model whose text "
+                        "tower is a transformers model")
+    p.add_argument("--retrieval", nargs="*", default=[],
+                   help="retrieval sets: prep directories (or URLs), Karpathy caption JSON files, CLIP_benchmark "
+                        "webdataset directories")
+    p.add_argument("--zeroshot", nargs="*", default=[],
+                   help="zero-shot sets: prep directories (or URLs), ImageFolder / ImageNet-val folders, CIFAR-10/100 "
+                        "python archives, CLIP_benchmark webdataset directories")
+    p.add_argument("--image-root", nargs="*", type=Path, default=[],
+                   help="images of the Karpathy JSON sets: one directory for all, or one per JSON set in order "
+                        "(default: each JSON's directory)")
+    p.add_argument("--split", choices=["test", "val", "train"], default="test",
+                   help="split of Karpathy's dataset_*.json files, CLIP_benchmark webdataset sets and CIFAR "
+                        "(default test)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="results JSON (default: beside the checkpoint; eval.json here with --model)")
+    p.add_argument("--benchmark-dir", type=Path, default=None,
+                   help="where one CLIP_benchmark-shaped JSON per result goes, with benchmark.csv collecting every "
+                        "such JSON there (default: clip_benchmark/ beside the results JSON)")
+    p.add_argument("--train-data", default=None,
+                   help="a prep training set (directory or URL): adds the tail analysis, accuracy by how often "
+                        "classes and caption words occur in its captions")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--export", type=Path, default=None, help="also write an open_clip state dict here")
+    p.add_argument("--export", type=Path, default=None, help="also write the checkpoint's open_clip state dict here")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (default 2; 0: none)")
     p.add_argument("--on-bad-image", choices=["skip", "error"], default="skip",
                    help="an image that cannot be decoded is skipped and counted in the results (default), or "
@@ -97,7 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: _call("clip_dro.evaluation.run", "evaluate_from_cli", checkpoint=a.checkpoint,
                                        retrieval=a.retrieval, zeroshot=a.zeroshot, output=a.output,
                                        batch_size=a.batch_size, export=a.export, workers=a.workers,
-                                       on_bad_image=a.on_bad_image))
+                                       on_bad_image=a.on_bad_image, model=a.model, pretrained=a.pretrained,
+                                       text_tower=a.text_tower, image_root=a.image_root, split=a.split,
+                                       benchmark_dir=a.benchmark_dir, train_data=a.train_data))
+
+    p = sub.add_parser("compare", help="train every (loss, seed) of a config, evaluate, and tabulate the paired "
+                                       "differences between the losses")
+    p.add_argument("--config", required=True, type=Path, help="a YAML file or the name of a shipped config")
+    p.add_argument("--losses", default="clip,sogclr,isogclr",
+                   help="comma-separated losses; the first is the baseline of the differences (default "
+                        "clip,sogclr,isogclr)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (train.seed) for every loss (default 3)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="train.epochs for every run, clearing train.max_steps (default: the config's length)")
+    p.add_argument("--output", type=Path, default=Path("compare"),
+                   help="directory of the runs (runs/LOSS-seedS) and the table (default compare)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, as train takes them")
+    p.set_defaults(run=lambda a: _call("clip_dro.compare", "run_compare", config=a.config, losses=a.losses,
+                                       seeds=a.seeds, epochs=a.epochs, output=a.output, overrides=a.overrides))
 
     p = sub.add_parser("quickstart", help="prep synthetic data, train CLIP/SogCLR/iSogCLR on the CPU, compare")
     p.add_argument("--output", type=Path, default=Path("quickstart"))
@@ -120,11 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_file(args: argparse.Namespace) -> Optional[Path]:
+    """Where a command's third-party log records go (clip_dro.console): the quickstart's output directory."""
+    return args.output / "quickstart.log" if args.command == "quickstart" else None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable = args.run
+    console.install()
     try:
-        run(args)
+        with console.log_to(_log_file(args)):
+            run(args)
     except UserError as exc:
         # One line, whatever raised it: a message that quotes a multi-line cause is folded.
         message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())

@@ -16,9 +16,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from clip_dro.data.shard_reader import parse_background
 from clip_dro.errors import UserError
-from clip_dro.losses.base import check_hyperparameters
 
 _FLOAT_LITERAL = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -97,8 +95,17 @@ class EvalConfig:
     on_bad_image: Literal["skip", "error"] = "skip"
 
 
+# The choices of the loss.* keys, for the losses' own checks when they are built outside a run.
+GammaSchedule = Literal["constant", "cosine"]
+StateDevice = Literal["accelerator", "cpu"]
+GAMMA_SCHEDULES: tuple[str, ...] = typing.get_args(GammaSchedule)
+STATE_DEVICES: tuple[str, ...] = typing.get_args(StateDevice)
+
+
 @dataclass
 class LossConfig:
+    """The ``loss.*`` keys; their defaults (the paper's code) are also the losses' keyword defaults."""
+
     name: Literal["clip", "sogclr", "isogclr", "rgclg"] = "isogclr"
     gamma: float = 0.8
     rho: float = 6.0
@@ -108,12 +115,12 @@ class LossConfig:
     tau_lr: float = 0.03
     tau_momentum: float = 0.9
     tau_grad_clip: float = 5.0
-    gamma_schedule: Literal["constant", "cosine"] = "constant"
+    gamma_schedule: GammaSchedule = "constant"
     gamma_decay_epochs: float = 1.0
     tau_warmup_steps: int = 0
     # Where each process keeps its shard of the per-sample state: with the model, or in host memory (the
     # batch's rows travel to the accelerator and back each step), for datasets whose state would not fit.
-    state_device: Literal["accelerator", "cpu"] = "accelerator"
+    state_device: StateDevice = "accelerator"
 
     def hyperparameters(self) -> dict[str, Any]:
         """The keywords of the loss's mathematics (all but the name and where the state lives)."""
@@ -198,8 +205,35 @@ def _check(cond: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}: {value!r} {why}")
 
 
+def check_loss_hyperparameters(*, gamma: float, rho: float, tau_init: float, tau_min: float, tau_max: float,
+                               tau_lr: float, tau_momentum: float, tau_grad_clip: float, gamma_schedule: str,
+                               gamma_decay_epochs: float, tau_warmup_steps: int) -> None:
+    """The one place where the ``loss.*`` values are checked: ``validate`` calls it at start-up, the losses
+    when they are built from a training loop of someone else's."""
+    for key, value in (("gamma", gamma), ("rho", rho), ("tau_init", tau_init), ("tau_min", tau_min),
+                       ("tau_max", tau_max), ("tau_lr", tau_lr), ("tau_momentum", tau_momentum),
+                       ("tau_grad_clip", tau_grad_clip), ("gamma_decay_epochs", gamma_decay_epochs)):
+        _check(isinstance(value, (int, float)) and math.isfinite(value), f"loss.{key}", value,
+               "must be a finite number")
+    _check(0 < gamma <= 1, "loss.gamma", gamma, "must be in (0, 1]")
+    _check(tau_min > 0, "loss.tau_min", tau_min, "must be > 0")
+    _check(tau_max >= tau_min, "loss.tau_max", tau_max, f"must be >= loss.tau_min ({tau_min})")
+    _check(tau_min <= tau_init <= tau_max, "loss.tau_init", tau_init,
+           f"must lie in [loss.tau_min, loss.tau_max] = [{tau_min}, {tau_max}]")
+    _check(tau_lr >= 0, "loss.tau_lr", tau_lr, "must be >= 0")
+    _check(0 <= tau_momentum <= 1, "loss.tau_momentum", tau_momentum, "must be in [0, 1]")
+    _check(tau_grad_clip > 0, "loss.tau_grad_clip", tau_grad_clip, "must be > 0")
+    _check(gamma_schedule in GAMMA_SCHEDULES, "loss.gamma_schedule", gamma_schedule,
+           f"must be one of {', '.join(GAMMA_SCHEDULES)}")
+    _check(gamma_decay_epochs > 0, "loss.gamma_decay_epochs", gamma_decay_epochs, "must be > 0")
+    _check(int(tau_warmup_steps) >= 0, "loss.tau_warmup_steps", tau_warmup_steps, "must be >= 0")
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express."""
+    # Imported here: the losses import this module, and the shard reader brings webdataset with it.
+    from clip_dro.data.shard_reader import parse_background
+
     d, t = cfg.data, cfg.train
     _check(d.batch_size >= 2, "data.batch_size", d.batch_size, "must be at least 2 (contrastive losses need negatives)")
     _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
@@ -222,10 +256,7 @@ def validate(cfg: Config) -> Config:
     _check(t.grad_clip_norm is None or t.grad_clip_norm > 0, "train.grad_clip_norm", t.grad_clip_norm, "must be > 0")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
     _check(cfg.eval.workers >= 0, "eval.workers", cfg.eval.workers, "must be >= 0")
-    try:
-        check_hyperparameters(**cfg.loss.hyperparameters())
-    except UserError as exc:
-        raise ConfigError(str(exc)) from None
+    check_loss_hyperparameters(**cfg.loss.hyperparameters())
     return cfg
 
 

@@ -1,4 +1,4 @@
-"""The manifest of a prep output directory (SPEC 3.2): what the shards hold and where they came from; and
+"""The manifest of a prep output directory (design.md §3.2): what the shards hold and where they came from; and
 *locations*, the places a prep directory or a shard can be read from.
 
 Shared by the writers in ``data_prep`` and the readers in ``clip_dro.data``; it knows nothing of either.
@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import tempfile
 import urllib.error
@@ -34,10 +35,11 @@ from clip_dro.errors import UserError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.jsonl"
-# The image members a sample may carry (SPEC 3.1), in the order readers look for them.
+# The image members a sample may carry (design.md §3.1), in the order readers look for them.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Seconds an HTTP connection may stay silent before the read fails.
 HTTP_TIMEOUT_S = 60
+MANIFEST_KINDS = ("train", "retrieval", "zeroshot")
 
 Location = Union[str, Path]
 
@@ -54,6 +56,30 @@ class LocationError(UserError):
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 NAME_PLACEHOLDER = "{name}"
+# A file name that a manifest, a progress log or a set supplies is a plain name: POSIX's portable file name
+# characters (letters, digits, '.', '_', '-'), not starting with '.' or '-' (no hidden files, nothing a command
+# could take for an option) and without '..'. Such a name cannot leave its directory, and no shell gives any
+# of its characters a meaning, so it is safe both as a path below the directory and inside a pipe: command.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+PLAIN_NAME_RULE = ("a plain file name: letters, digits, '.', '_' and '-', not starting with '.' or '-', no '..', "
+                   "at most 255 characters")
+
+
+class UnsafeNameError(UserError):
+    """A file name from a manifest, a progress log or a set that is not a plain name (see ``check_plain_name``)."""
+
+
+def is_plain_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(_PLAIN_NAME.fullmatch(name)) and ".." not in name
+
+
+def check_plain_name(name: Any, where: str) -> str:
+    """``name`` if it is a plain file name (``PLAIN_NAME_RULE``); else UnsafeNameError naming ``where`` (the
+    file and entry that supplied it), before anything is opened or run."""
+    if not is_plain_name(name):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise UnsafeNameError(f"{where}: {shown} is not {PLAIN_NAME_RULE}; refusing to open or run it")
+    return name
 
 
 def is_url(location: Location) -> bool:
@@ -69,7 +95,9 @@ def as_location(location: Location) -> Location:
 
 
 def join_location(base: Location, name: str) -> Location:
-    """The file ``name`` of the prep directory at ``base``."""
+    """The file ``name`` (a plain file name) of the prep directory at ``base``. In a ``pipe:`` command the name
+    is shell-quoted as well, so that only the user's own command text is ever shell."""
+    check_plain_name(name, f"a file of {base}")
     if not is_url(base):
         return Path(base) / name
     base = str(base)
@@ -77,7 +105,7 @@ def join_location(base: Location, name: str) -> Location:
         if NAME_PLACEHOLDER not in base:
             raise LocationError(f"{base}: a prep directory given as a pipe: command must name its files with "
                                 f"{NAME_PLACEHOLDER}, e.g. 'pipe:aws s3 cp s3://bucket/train/{NAME_PLACEHOLDER} -'")
-        return base.replace(NAME_PLACEHOLDER, name)
+        return base.replace(NAME_PLACEHOLDER, shlex.quote(name))
     return base.rstrip("/") + "/" + name
 
 
@@ -202,7 +230,7 @@ class Manifest:
     source: dict[str, Any]
     accepted: int
     rejected: int
-    # "train", "retrieval" or "zeroshot": what the directory is for.
+    # one of MANIFEST_KINDS: what the directory is for.
     kind: str = "train"
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
@@ -221,6 +249,8 @@ class Manifest:
         return data
 
     def write(self, directory: str | Path) -> None:
+        for i, shard in enumerate(self.shards):
+            check_plain_name(shard.name, f"{Path(directory) / MANIFEST_NAME}: shards[{i}].name")
         write_text_atomic(Path(directory) / MANIFEST_NAME, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def shard_paths(self, directory: str | Path) -> list[Path]:
@@ -246,13 +276,32 @@ def _require(data: dict, key: str, kind: type, path: Location) -> Any:
     return data[key]
 
 
+def _require_count(data: dict, key: str, path: Location) -> int:
+    value = _require(data, key, int, path)
+    if value < 0:
+        raise ManifestError(f"{path}: key {key!r} should be a count (>= 0), got {value}")
+    return value
+
+
+def _shard_entry(entry: Any, where: str) -> ShardInfo:
+    """One entry of a manifest's ``shards``, checked: its name is a plain file name (it becomes a path below
+    the directory, or a word of a ``pipe:`` command) and its counts are integers."""
+    if not isinstance(entry, dict) or not {"name", "num_samples", "first_index"} <= set(entry):
+        raise ManifestError(f"{where} needs name, num_samples and first_index")
+    name = check_plain_name(entry["name"], f"{where}.name")
+    count, first = entry["num_samples"], entry["first_index"]
+    if not (isinstance(count, int) and isinstance(first, int)) or isinstance(count, bool) or isinstance(first, bool) \
+            or count < 0 or first < 0:
+        raise ManifestError(f"{where} ({name}): num_samples and first_index should be counts (integers >= 0), got "
+                            f"{count!r} and {first!r}")
+    return ShardInfo(name, count, first)
+
+
 def _read_manifest_text(directory: Location) -> tuple[Location, str]:
     path = join_location(directory, MANIFEST_NAME)
-    if not is_url(directory):
-        if not Path(path).is_file():
-            raise ManifestError(f"{directory} is not a prep output directory: {path} does not exist "
-                                "(create it with `clip-dro prep ...`)")
-        return path, Path(path).read_text()
+    if not is_url(directory) and not Path(path).is_file():
+        raise ManifestError(f"{directory} is not a prep output directory: {path} does not exist "
+                            "(create it with `clip-dro prep ...`)")
     try:
         return path, read_location(path).decode("utf-8")
     except LocationError as exc:
@@ -271,26 +320,29 @@ def load_manifest(directory: Location, expected_kind: Optional[str] = None) -> M
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: expected a JSON object")
     version = _require(data, "format_version", int, path)
     if version != FORMAT_VERSION:
         raise ManifestError(f"{path}: format_version {version} is not supported (expected {FORMAT_VERSION})")
-    shards = []
-    for i, s in enumerate(_require(data, "shards", list, path)):
-        if not isinstance(s, dict) or not {"name", "num_samples", "first_index"} <= set(s):
-            raise ManifestError(f"{path}: shards[{i}] needs name, num_samples and first_index")
-        shards.append(ShardInfo(str(s["name"]), int(s["num_samples"]), int(s["first_index"])))
+    shards = [_shard_entry(entry, f"{path}: shards[{i}]") for i, entry in enumerate(_require(data, "shards", list, path))]
+    kind, extra = data.get("kind", "train"), data.get("extra", {})
+    if kind not in MANIFEST_KINDS:
+        raise ManifestError(f"{path}: key 'kind' should be one of {', '.join(MANIFEST_KINDS)}, got {kind!r}")
+    if not isinstance(extra, dict):
+        raise ManifestError(f"{path}: key 'extra' should be an object, got {type(extra).__name__}")
     manifest = Manifest(
-        num_samples=_require(data, "num_samples", int, path),
-        num_images=_require(data, "num_images", int, path),
-        num_texts=_require(data, "num_texts", int, path),
+        num_samples=_require_count(data, "num_samples", path),
+        num_images=_require_count(data, "num_images", path),
+        num_texts=_require_count(data, "num_texts", path),
         shards=shards,
         source=_require(data, "source", dict, path),
-        accepted=_require(data, "accepted", int, path),
-        rejected=_require(data, "rejected", int, path),
-        kind=str(data.get("kind", "train")),
-        extra=dict(data.get("extra", {})),
+        accepted=_require_count(data, "accepted", path),
+        rejected=_require_count(data, "rejected", path),
+        kind=kind,
+        extra=extra,
     )
     expected_first = 0
     for s in manifest.shards:
@@ -299,6 +351,9 @@ def load_manifest(directory: Location, expected_kind: Optional[str] = None) -> M
         expected_first += s.num_samples
     if expected_first != manifest.num_samples:
         raise ManifestError(f"{path}: shards hold {expected_first} samples but num_samples is {manifest.num_samples}")
+    if manifest.num_images > manifest.num_samples:  # every sample is one image, and image indices are dense
+        raise ManifestError(f"{path}: num_images {manifest.num_images} is more than num_samples "
+                            f"{manifest.num_samples}")
     if expected_kind is not None and manifest.kind != expected_kind:
         raise ManifestError(f"{directory} is a {manifest.kind!r} set, expected a {expected_kind!r} set")
     if not is_url(directory):

@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal, Optional
 import open_clip
 import torch
 
+from clip_dro.console import route_transformers
 from clip_dro.resources import MODEL_CONFIGS_DIR
 from clip_dro.towers import HFTextTower, load_trunk_weights, resolve_weights_path
 
@@ -144,6 +145,7 @@ def build_model(
     ``pretrained`` the tower weights are not read.
     """
     register_model_configs()
+    route_transformers()  # under the command line, transformers' load reports go where clip_dro.console says
     if name not in open_clip.list_models():
         raise ModelError(f"model.name: unknown model {name!r}; known: tiny ones in {MODEL_CONFIGS_DIR} "
                          "and open_clip's (e.g. RN50, ViT-B-32)")
@@ -183,7 +185,7 @@ def build_model(
         model.context_length, model.vocab_size = model.text.context_length, model.text.vocab_size
     # Whole-model weights load once every tower is in place, the adapter's included.
     if pretrained is not None:
-        open_clip.load_checkpoint(model, pretrained, strict=True)
+        open_clip.load_checkpoint(model, pretrained, strict=True, weights_only=True)
     if image_file is not None:
         try:
             load_trunk_weights(model.visual.trunk, image_file)

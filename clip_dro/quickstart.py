@@ -8,18 +8,14 @@ for each loss), evaluates all three, analyses iSogCLR's temperatures against con
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
-from clip_dro.checkpoint import MODEL_FILE, TEMPERATURES_DIR, CheckpointError
-from clip_dro.config import Config, load_config
+from clip_dro.checkpoint import CheckpointError, load_checkpoint_model
+from clip_dro.compare import temperature_row
+from clip_dro.config import load_config
 from clip_dro.errors import UserError
-from clip_dro.evaluation.checkpoint import load_checkpoint_model
 from clip_dro.evaluation.run import evaluate
-from clip_dro.evaluation.temperatures import analyze_temperatures
 from clip_dro.resources import CONFIGS_DIR
 from clip_dro.trainer import train
 
@@ -30,30 +26,6 @@ SETUPS = {"pretrained": "pretrained_cpu", "scratch": "tiny_cpu"}
 TABLE_METRICS = ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "r_mean", "acc1",
                  "tau_img_mean", "tau_txt_mean", "tau_img_freq_spearman", "tau_txt_freq_spearman",
                  "tau_img_freq_spearman_per_concept", "tau_txt_freq_spearman_per_concept")
-SIDES = {"img": "image", "txt": "text"}
-
-
-def _temperatures(cfg: Config, final: Path, output: Path) -> dict[str, Optional[float]]:
-    """Mean τ per side and, for per-sample temperatures, their rank correlation with concept frequency."""
-    row: dict[str, Optional[float]] = {}
-    if (final / TEMPERATURES_DIR).is_dir():
-        summary = analyze_temperatures(final, cfg.data.train, output)
-        freq = summary["concept_frequency"] or {}
-        for short, side in SIDES.items():
-            correlation = freq.get(side) or {}
-            row[f"tau_{short}_mean"] = summary["distribution"][side]["mean"]
-            row[f"tau_{short}_freq_spearman"] = correlation.get("spearman")
-            row[f"tau_{short}_freq_spearman_per_concept"] = correlation.get("spearman_per_concept")
-        return row
-    # One temperature for all: CLIP's learned one, or SogCLR's fixed one; no relation to frequency.
-    if cfg.loss.name == "clip":
-        tau = math.exp(-float(torch.load(final / MODEL_FILE)["logit_scale"]))
-    else:
-        tau = cfg.loss.tau_init
-    for short in SIDES:
-        row.update({f"tau_{short}_mean": tau, f"tau_{short}_freq_spearman": None,
-                    f"tau_{short}_freq_spearman_per_concept": None})
-    return row
 
 
 def _markdown(table: dict[str, dict[str, Any]]) -> str:
@@ -116,7 +88,7 @@ def run_quickstart(output: Path, steps: Optional[int] = None, num_train: Optiona
         row: dict[str, Any] = {}
         for result in results:
             row.update(result["metrics"])
-        row.update(_temperatures(cfg, final, output / "temperatures" / loss))
+        row.update(temperature_row(cfg, final, output / "temperatures" / loss))
         table[loss] = row
     (output / "comparison.json").write_text(json.dumps(table, indent=2) + "\n")
     markdown = _markdown(table)

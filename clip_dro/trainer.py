@@ -1,4 +1,4 @@
-"""``clip-dro train``: the accelerate-driven training loop (SPEC 2, 4.6, 6).
+"""``clip-dro train``: the accelerate-driven training loop (design.md §2, §7).
 
 One process or many (``accelerate launch`` / ``torchrun``): the loader makes the global batch independent of
 the number of processes, and the losses make the step the same computation, so a run is reproducible and
@@ -11,20 +11,19 @@ import logging
 import signal
 import time
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from clip_dro.checkpoint import TrainerState, check_resumable, load_checkpoint, prune, resolve_resume, save_checkpoint
-from clip_dro.collectives import sum_over_processes
 from clip_dro.config import Config, load_config, save_config
 from clip_dro.data.train_loader import TrainBatch, TrainLoader, check_layout
-from clip_dro.errors import UserError, first_line
+from clip_dro.distributed import from_main, join_processes, peer_failures_in_one_line, sum_over_processes
+from clip_dro.errors import UserError
 from clip_dro.evaluation.periodic import PeriodicEvaluation, describe
 from clip_dro.losses import build_loss
 from clip_dro.manifest import load_manifest
@@ -54,11 +53,10 @@ def _accelerator(precision: str, run_dir: Path, collective_timeout_s: int) -> Ac
         log_with = "tensorboard"
     except ImportError:
         log_with = None
-    # Without CUDA a plain Accelerator() under torchrun leaves ranks unsynchronized (ENVIRONMENT.md).
-    return Accelerator(cpu=not torch.cuda.is_available(),
+    processes = join_processes(collective_timeout_s)  # the Accelerator takes this state
+    return Accelerator(cpu=processes.device.type == "cpu",
                        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
-                       log_with=log_with, project_dir=str(run_dir),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout_s))])
+                       log_with=log_with, project_dir=str(run_dir))
 
 
 @contextmanager
@@ -347,7 +345,7 @@ def _run_dir_locked(run_dir: Path, acc: Accelerator) -> Iterator[None]:
             handle = lock_run_dir(run_dir)
         except RunDirBusy as exc:
             message = str(exc)
-    (message,) = broadcast_object_list([message])
+    message = from_main(message)
     if message:
         raise RunDirBusy(message)
     try:
@@ -361,23 +359,8 @@ def train(cfg: Config) -> Path:
     """Train as configured; returns the ``final`` checkpoint directory."""
     run_dir = Path(cfg.train.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    # A peer that died or hung (past train.collective_timeout_s) ends the run with one line, not a C++ trace.
+    with peer_failures_in_one_line():
         accelerator = _accelerator(cfg.train.precision, run_dir, cfg.train.collective_timeout_s)
         with _run_dir_locked(run_dir, accelerator):
             return Trainer(cfg, accelerator).run()
-    except RuntimeError as exc:
-        if not _is_collective_failure(exc):
-            raise
-        # A peer that died or hung (past train.collective_timeout_s): say so in one line, not a C++ trace.
-        raise UserError(f"a collective failed: another process died or stopped answering ({first_line(exc)})"
-                        ) from None
-
-
-# Newer torch raises DistError subclasses; gloo and NCCL transport errors still arrive as plain RuntimeErrors
-# that name their library, which is the only way to tell them apart.
-_TRANSPORTS = ("gloo", "NCCL", "ProcessGroup")
-
-
-def _is_collective_failure(exc: RuntimeError) -> bool:
-    return isinstance(exc, torch.distributed.DistError) or (
-        torch.distributed.is_initialized() and any(name in str(exc) for name in _TRANSPORTS))

@@ -66,7 +66,7 @@ def group_records(records: list[dict[str, Any]], image_root: Path, shuffle: bool
 def prep_coco(annotations: Path, image_root: Path, output: Path, shard_size: int = 1000,
               image_size: Optional[int] = None, workers: Optional[int] = None, shuffle: bool = True, seed: int = 0,
               background: Any = "white") -> Manifest:
-    """Prep the Karpathy-style file ``annotations`` into ``output`` (SPEC 2, ``prep coco``)."""
+    """Prep the Karpathy-style file ``annotations`` into ``output`` (design.md §2.1, ``prep coco``)."""
     annotations, output = Path(annotations), Path(output)
     rgb = check_options(shard_size, image_size, seed, background)
     if not Path(image_root).is_dir():

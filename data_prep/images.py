@@ -12,15 +12,18 @@ anything else becomes JPEG. Other images in a kept format keep their bytes unles
 from __future__ import annotations
 
 import io
+import os
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from PIL import Image
 
-from clip_dro.data.shard_reader import DECODE_ERRORS, WHITE, has_transparency, to_rgb
+from clip_dro.data.shard_reader import DECODE_ERRORS, MAX_IMAGE_MEMBER_BYTES, WHITE, has_transparency, to_rgb
 
-# Formats a sample may carry unchanged (SPEC 3.1); anything else is re-encoded as JPEG.
+# Formats a sample may carry unchanged (design.md §3.1); anything else is re-encoded as JPEG.
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 JPEG_QUALITY = 90
 RESAMPLE = Image.Resampling.BICUBIC
@@ -70,6 +73,15 @@ def encode_png(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
+def _open(data: bytes) -> Image.Image:
+    """``Image.open`` without PIL's DecompressionBombWarning, which says nothing the outcome does not: an image
+    of up to twice PIL's pixel limit is accepted (and shrunk when asked), a larger one raises
+    DecompressionBombError and becomes a rejected row."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
 def encode_bytes(data: bytes, options: ImageOptions = ImageOptions()) -> EncodedImage:
     """Decode ``data`` fully (a truncated file fails here, not in training), composite transparency, shrink if
     asked, encode.
@@ -78,7 +90,7 @@ def encode_bytes(data: bytes, options: ImageOptions = ImageOptions()) -> Encoded
     reduced DCT scale first (PIL's draft mode), which is most of the speed of shrinking.
     """
     try:
-        image = Image.open(io.BytesIO(data))
+        image = _open(data)
         image_format = image.format
         target = shorter_side_size(image.width, image.height, options.image_size)
         if target is not None and image_format == "JPEG":
@@ -100,11 +112,21 @@ def encode_bytes(data: bytes, options: ImageOptions = ImageOptions()) -> Encoded
 
 
 def load_file(path: str, options: ImageOptions) -> EncodedImage:
-    """Loader for an image file on disk (tabular and COCO sources)."""
+    """Loader for an image file on disk (tabular and COCO sources). A table from someone else may name
+    /dev/zero, a FIFO or a huge file: only regular files of at most one image member's bound are read."""
     try:
-        data = Path(path).read_bytes()
+        status = os.stat(path)  # before opening: opening a FIFO would wait for a writer
+        if not stat.S_ISREG(status.st_mode):
+            raise BadImage(f"not a regular file {path}")
+        if status.st_size > MAX_IMAGE_MEMBER_BYTES:
+            raise BadImage(f"file {path} holds {status.st_size} bytes, more than the {MAX_IMAGE_MEMBER_BYTES} an "
+                           "image may hold")
+        with open(path, "rb") as file:
+            data = file.read(MAX_IMAGE_MEMBER_BYTES + 1)
     except FileNotFoundError:
         raise BadImage(f"missing file {path}") from None
+    except ValueError:  # a NUL byte in the path
+        raise BadImage(f"unusable file name {path!r}") from None
     except OSError as exc:
         raise BadImage(f"unreadable file {path} ({exc.strerror})") from None
     return encode_bytes(data, options)

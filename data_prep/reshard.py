@@ -165,7 +165,7 @@ def _identity(locations: list[Location]) -> str:
 def prep_wds(input: Union[str, Path, list[str]], output: Path, shard_size: int = 1000, image_size: Optional[int] = None,
              workers: Optional[int] = None, shuffle: bool = True, seed: int = 0, background: Any = "white"
              ) -> Manifest:
-    """Re-shard ``input`` into ``output`` (SPEC 2, ``prep wds``)."""
+    """Re-shard ``input`` into ``output`` (design.md §2.1, ``prep wds``)."""
     output = Path(output)
     rgb = check_options(shard_size, image_size, seed, background)
     locations = expand_shards(input)

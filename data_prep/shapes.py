@@ -2,7 +2,7 @@
 drawn at 64 px (the tiny models' input size), and captions that describe it in varied wording.
 
 A concept is a shape and its colouring: 10 shapes x 36 colourings = 360 concepts, so that frequencies can
-have a long tail of rare concepts (SPEC 3.4). A colouring is one of 8 colours, or two of them (28 unordered
+have a long tail of rare concepts (design.md §3.4). A colouring is one of 8 colours, or two of them (28 unordered
 pairs) on the left and right halves of the shape, either way round, named "red and blue" in palette order.
 Chosen to be visually distinct at 64 px: no rotations (a rotated square would be a diamond), hues far apart,
 shapes with different outlines, and a two-tone split that leaves each colour half of even the smallest shape

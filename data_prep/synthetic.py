@@ -1,4 +1,4 @@
-"""``clip-dro prep synthetic``: the built-in long-tailed dataset (SPEC 3.4), deterministic for a seed.
+"""``clip-dro prep synthetic``: the built-in long-tailed dataset (design.md §3.4), deterministic for a seed.
 
 * ``train``: ``num_train`` images of the 360 shape x colouring concepts of ``shapes``, with web-like
   frequencies: a Zipf-Mandelbrot law, count proportional to 1 / (rank + 8) for rank 1, 2, ... (ranks a

@@ -68,7 +68,7 @@ def _json_safe(value: Any) -> Any:
 def prep_table(input: Path, output: Path, image_col: str, caption_col: str, image_root: Optional[Path] = None,
                shard_size: int = 1000, image_size: Optional[int] = None, workers: Optional[int] = None,
                shuffle: bool = True, seed: int = 0, background: Any = "white") -> Manifest:
-    """Prep the table ``input`` into ``output`` (SPEC 2, ``prep csv``); returns the manifest."""
+    """Prep the table ``input`` into ``output`` (design.md §2.1, ``prep csv``); returns the manifest."""
     input, output = Path(input), Path(output)
     rgb = check_options(shard_size, image_size, seed, background)
     if image_root is not None and not Path(image_root).is_dir():

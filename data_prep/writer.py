@@ -1,4 +1,4 @@
-"""The machinery every prep source shares (SPEC 3.1-3.3): candidate sample -> dense indices -> atomic shards,
+"""The machinery every prep source shares (design.md §3.1–3.3): candidate sample -> dense indices -> atomic shards,
 manifest and rejected log, with the image work in a process pool.
 
 A source turns its input into a stream of ``Candidate`` (one image with its non-empty captions and the input
@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import os
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -40,7 +41,9 @@ from tqdm import tqdm
 
 from clip_dro.data.shard_reader import parse_background
 from clip_dro.errors import UserError
-from clip_dro.manifest import MANIFEST_NAME, REJECTED_NAME, Manifest, ShardInfo, load_manifest, write_text_atomic
+from clip_dro.manifest import (MANIFEST_NAME, REJECTED_NAME, Manifest, ShardInfo, check_plain_name, load_manifest,
+                               write_text_atomic)
+from clip_dro.run_lock import LOCK_FILE, lock_prep_dir, unlock_prep_dir
 from data_prep.images import BadImage, EncodedImage, ImageOptions, load_file
 
 SHARD_NAME = "shard-{:06d}.tar"
@@ -319,9 +322,10 @@ class _Progress:
             if not isinstance(header, dict) or header.get("progress_version") != PROGRESS_VERSION:
                 raise ValueError("unknown progress format")
             progress = cls()
-            for line in lines[1:]:
+            for number, line in enumerate(lines[1:], start=2):
                 data = json.loads(line)
-                progress.shards.append(ShardInfo(data["name"], data["num_samples"], data["first_index"]))
+                name = check_plain_name(data["name"], f"{path}: line {number}: name")
+                progress.shards.append(ShardInfo(name, data["num_samples"], data["first_index"]))
                 progress.shard_bytes.append(data["bytes"])
                 for key in _COUNTERS:
                     setattr(progress, key, data[key])
@@ -344,6 +348,11 @@ def _our_file(name: str) -> bool:
         MANIFEST_NAME, REJECTED_NAME, PROGRESS_NAME, PARTIAL_REJECTED)
 
 
+def _contents(output: Path) -> list[Path]:
+    """What the output directory holds, but for the lock of the prep that holds it."""
+    return [p for p in output.iterdir() if p.name != LOCK_FILE]
+
+
 def _remove_progress(output: Path) -> None:
     for name in (PROGRESS_NAME, PARTIAL_REJECTED, PROGRESS_NAME + ".tmp"):
         (output / name).unlink(missing_ok=True)
@@ -354,12 +363,10 @@ def existing_output(output: Path, source: dict[str, Any], kind: str,
     """(manifest, None) for the complete output of an identical earlier run, (None, progress) for the partial
     output of an interrupted identical run (cleaned up to its last progress record), (None, None) for a
     usable empty directory; refuses anything else."""
-    if output.exists() and not output.is_dir():
-        raise PrepError(f"output {output} exists and is not a directory")
-    if output.is_dir() and all(p.name.endswith(".tmp") and _our_file(p.name) for p in output.iterdir()):
-        for path in output.iterdir():  # a run stopped before it recorded anything
+    if all(p.name.endswith(".tmp") and _our_file(p.name) for p in _contents(output)):
+        for path in _contents(output):  # a run stopped before it recorded anything
             path.unlink()
-    if not output.exists() or not any(output.iterdir()):
+    if not _contents(output):
         return None, None
     if (output / MANIFEST_NAME).is_file():
         manifest = load_manifest(output)
@@ -383,11 +390,11 @@ def existing_output(output: Path, source: dict[str, Any], kind: str,
         if not path.is_file() or path.stat().st_size != size:
             raise PrepError(f"output {output}: shard {shard.name} recorded as complete in {PROGRESS_NAME} is "
                             "missing or changed; delete the directory and start again")
-    strangers = [p.name for p in output.iterdir() if not _our_file(p.name) and p.name not in extra_files]
+    strangers = [p.name for p in _contents(output) if not _our_file(p.name) and p.name not in extra_files]
     if strangers:
         raise PrepError(f"output {output} holds files prep did not write ({strangers[0]}); delete them or choose "
                         "another --output")
-    for path in output.iterdir():  # what was written after the last progress record
+    for path in _contents(output):  # what was written after the last progress record
         if path.name not in ours and path.name not in (PROGRESS_NAME, PARTIAL_REJECTED):
             path.unlink()
     for name, length, what in ((PROGRESS_NAME, whole, "its whole lines"),
@@ -431,6 +438,32 @@ def write_dataset(
     accepted + rejected. Images with transparency are composited onto ``background``.
     """
     output = Path(output)
+    with _one_writer(output):
+        return _write(output, source, items, shard_size, image_size, workers, kind, total, extra, extra_files,
+                      rows_read, desc, background)
+
+
+@contextmanager
+def _one_writer(output: Path) -> Iterator[None]:
+    """Hold the output directory's lock (created if need be) for as long as the prep writes; a directory this
+    made and that stayed empty is removed again."""
+    if output.exists() and not output.is_dir():
+        raise PrepError(f"output {output} exists and is not a directory")
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    lock = lock_prep_dir(output)
+    try:
+        yield
+    finally:
+        unlock_prep_dir(output, lock)
+        if created and not any(output.iterdir()):
+            output.rmdir()
+
+
+def _write(output: Path, source: dict[str, Any], items: Items, shard_size: int, image_size: Optional[int],
+           workers: Optional[int], kind: str, total: Optional[int], extra: Optional[dict[str, Any]],
+           extra_files: Optional[dict[str, str]], rows_read: Optional[int], desc: str,
+           background: tuple[int, int, int]) -> Manifest:
     previous, progress = existing_output(output, source, kind, extra_files or {})
     if previous is not None:
         print(f"{output}: already prepared ({previous.num_samples} samples, {previous.num_texts} captions)")
@@ -438,8 +471,6 @@ def write_dataset(
     num_workers = resolve_workers(workers)
     resumed = progress is not None
     progress = progress or _Progress()
-    created = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
     if resumed:
         print(f"{output}: resuming an interrupted prep after {len(progress.shards)} complete shards "
               f"({progress.index} samples)")
@@ -508,8 +539,6 @@ def write_dataset(
         progress_log.close()
         if not sink.shards:  # nothing worth resuming from: leave the directory as it was
             _remove_progress(output)
-            if created and not any(output.iterdir()):
-                output.rmdir()
         raise
     print(f"{output}: {manifest.num_samples} samples, {manifest.num_texts} captions in {len(shards)} shards; "
           f"{manifest.accepted} rows accepted, {manifest.rejected} rejected")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Multi-node training with torchrun: run this on every node with the same MASTER_ADDR and its own NODE_RANK.
 #   MASTER_ADDR=node0 NODE_RANK=0 NNODES=4 bash launch/multinode.sh configs/cc3m_isogclr.yaml data.batch_size=16
-# The global batch is NNODES x GPUS_PER_NODE x data.batch_size; the per-sample state is replicated on every
-# process and stays identical because each step's update is computed from the same gathered scalars.
+# The global batch is NNODES x GPUS_PER_NODE x data.batch_size; the per-sample state is sharded: each
+# process keeps the ids it owns (id % processes) and fetches a step's rows with one all-reduce (docs/design.md §5.2).
 set -euo pipefail
 CONFIG=${1:?usage: multinode.sh CONFIG [key=value ...]}; shift
 : "${MASTER_ADDR:?set MASTER_ADDR to the hostname of the first node}"

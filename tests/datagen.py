@@ -109,9 +109,11 @@ def read_dataset(directory: Path) -> list[dict]:
     return out
 
 
-def write_wds_input(path: Path, samples: list[dict[str, Optional[bytes]]]) -> None:
-    """An img2dataset-style input shard: each sample dict maps ext -> bytes (None: file absent)."""
-    with tarfile.open(path, "w") as tar:
+def tar_bytes(samples: list[dict[str, Optional[bytes]]]) -> bytes:
+    """A tar of the samples, written with the standard library: each sample dict maps ``__key__`` to its key
+    and ext -> bytes (None: file absent)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
         for s in samples:
             for ext, data in s.items():
                 if ext == "__key__" or data is None:
@@ -119,3 +121,9 @@ def write_wds_input(path: Path, samples: list[dict[str, Optional[bytes]]]) -> No
                 info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def write_wds_input(path: Path, samples: list[dict[str, Optional[bytes]]]) -> None:
+    """An img2dataset-style input shard (see :func:`tar_bytes`)."""
+    path.write_bytes(tar_bytes(samples))

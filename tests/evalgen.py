@@ -164,6 +164,32 @@ def make_checkpoint(directory: Path, model_name: str = "tiny-vit", seed: int = 0
     return directory
 
 
+# ------------------------------------------------------------------ sets with bad images (conftest.bad_sets)
+
+TEMPLATES = ["a photo of a {c}.", "a {c} drawn in pencil"]
+CLASSES = ["cat", "dog", "bird", "fish", "horse", "cow"]
+FRUITS = ["apple", "banana", "cherry"]
+# Each set's bad images by position, in the middle of a batch of 4 and at the start of one.
+BAD = {"coco_test": {5: bomb_png(), 8: truncated_png()}, "zs_shards": {3: b"not an image"},
+       "zs_folder": {3: truncated_png(1)}}
+
+
+def write_eval_sets(root: Path, replace: dict[str, dict]) -> Path:
+    """A retrieval set (``coco_test``), zero-shot shards (``zs_shards``) and an ImageFolder (``zs_folder``),
+    each with ``replace``'s images (see the module's docstring)."""
+    make_retrieval_set(root / "coco_test", num_images=11, shard_size=4, seed=1, replace=replace["coco_test"])
+    make_zeroshot_shards(root / "zs_shards", CLASSES, per_class=2, shard_size=5, templates=TEMPLATES,
+                         replace=replace["zs_shards"])
+    make_imagefolder(root / "zs_folder", FRUITS, per_class=3, replace=replace["zs_folder"])
+    (root / "zs_folder" / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")  # fewer prompts: faster
+    return root
+
+
+def eval_set_args(root: Path) -> list[str]:
+    """The ``clip-dro eval`` options naming :func:`write_eval_sets`'s sets."""
+    return ["--retrieval", str(root / "coco_test"), "--zeroshot", str(root / "zs_shards"), str(root / "zs_folder")]
+
+
 # ------------------------------------------------------------------------------- reference metrics
 
 

@@ -1,4 +1,4 @@
-"""Independent reference implementations for the loss tests: SPEC 4.1 written out literally.
+"""Independent reference implementations for the loss tests: design.md §4.1 written out literally.
 
 Float64, Python loops over anchors and negatives, state in dictionaries of plain (not log) s. Nothing here is
 shared with clip_dro.losses.

@@ -1,23 +1,18 @@
-"""SPEC 5: evaluation on every process gives the numbers of one process: ``clip-dro eval`` under torchrun, and
+"""design.md §5.4: evaluation on every process gives the numbers of one process: ``clip-dro eval`` under torchrun, and
 the trainer's evaluations at two processes; an error in one process's slice stops all of them."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import pytest
+
+from clip_dro.bench import launch
 from clip_dro.cli import main
 from clip_dro.evaluation.run import evaluate_from_cli
-from evalgen import make_checkpoint
-from test_eval_run import BATCH, _cli_sets, bad_sets  # noqa: F401  (bad_sets is a fixture)
-from test_trainer import TINY, data, overrides  # noqa: F401  (data is a fixture)
+from evalgen import eval_set_args, make_checkpoint
+from test_eval_run import BATCH
+from test_trainer import TINY, overrides
 
-
-def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29700 + os.getpid() % 200), "-m", "clip_dro.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+pytestmark = pytest.mark.slow  # torchrun
 
 
 def _assert_same_results(got: list[dict], want: list[dict]) -> None:
@@ -29,28 +24,28 @@ def _assert_same_results(got: list[dict], want: list[dict]) -> None:
         assert a["metrics"] == b["metrics"], a["dataset"]
 
 
-def test_eval_on_two_processes_equals_one(tmp_path, bad_sets):  # noqa: F811
+def test_eval_on_two_processes_equals_one(tmp_path, bad_sets):
     """Sets with undecodable images (11 + 12 + 9 of them) in batches of 4 at 2 and 3 processes: slices of
     unequal length, skipped images in some slices only; results and the skipped list as one process's."""
     bad, _ = bad_sets
     ckpt = make_checkpoint(tmp_path / "ckpt", seed=3)
-    assert main(["eval", "--checkpoint", str(ckpt), *_cli_sets(bad), "--batch-size", str(BATCH), "--workers", "1",
+    assert main(["eval", "--checkpoint", str(ckpt), *eval_set_args(bad), "--batch-size", str(BATCH), "--workers", "1",
                  "--output", str(tmp_path / "one.json")]) == 0
     one = json.loads((tmp_path / "one.json").read_text())
     for nproc in (2, 3):
         output = tmp_path / f"{nproc}.json"
-        done = torchrun(["eval", "--checkpoint", str(ckpt), *_cli_sets(bad), "--batch-size", str(BATCH),
-                         "--workers", "1", "--output", str(output)], nproc=nproc)
+        done = launch.run(["eval", "--checkpoint", str(ckpt), *eval_set_args(bad), "--batch-size", str(BATCH),
+                           "--workers", "1", "--output", str(output)], nproc=nproc)
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.count("results: ") == 1, "only the main process writes and prints"
         _assert_same_results(json.loads(output.read_text())["results"], one["results"])
 
 
-def test_bad_image_error_in_one_slice_stops_every_process(tmp_path, bad_sets):  # noqa: F811
+def test_bad_image_error_in_one_slice_stops_every_process(tmp_path, bad_sets):
     """The bad image lies in the second process's slice: both stop with its message, none waits forever."""
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    done = torchrun(["eval", "--checkpoint", str(ckpt), "--retrieval", str(bad_sets[0] / "coco_test"),
-                     "--batch-size", str(BATCH), "--workers", "1", "--on-bad-image", "error"])
+    done = launch.run(["eval", "--checkpoint", str(ckpt), "--retrieval", str(bad_sets[0] / "coco_test"),
+                       "--batch-size", str(BATCH), "--workers", "1", "--on-bad-image", "error"], nproc=2)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("clip-dro eval: error: ")]
     assert len(errors) == 2 and errors[0] == errors[1], done.stderr[-3000:]
@@ -59,11 +54,11 @@ def test_bad_image_error_in_one_slice_stops_every_process(tmp_path, bad_sets):  
     assert not (ckpt / "eval.json").exists()
 
 
-def test_training_evaluates_on_every_process(tmp_path, data):  # noqa: F811
+def test_training_evaluates_on_every_process(tmp_path, data):
     """The final evaluation of a two-process run logs what one process computes on the final checkpoint."""
     sets = {"eval.retrieval": f"[{data / 'retrieval'}]", "eval.zeroshot": f"[{data / 'zeroshot'}]",
             "eval.batch_size": 32, "eval.workers": 1, "data.batch_size": 8, "train.max_steps": 2}
-    done = torchrun(["train", "--config", str(TINY), *overrides(data, tmp_path / "run", **sets)])
+    done = launch.run(["train", "--config", str(TINY), *overrides(data, tmp_path / "run", **sets)], nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     logged = [{"task": m["eval"], "dataset": m["dataset"], "skipped_images": m["skipped_images"],

@@ -4,7 +4,6 @@ non-finite embeddings, bad options."""
 import io
 import json
 import re
-import tarfile
 from pathlib import Path
 
 import open_clip
@@ -14,19 +13,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clip_dro.bench.faults import rewrite_members
 from clip_dro.cli import main
 from clip_dro.config import Config, save_config
 from clip_dro.data.eval_sets import EvalSetError
-from clip_dro.evaluation.checkpoint import CheckpointError, load_checkpoint_model, resolve_checkpoint
+from clip_dro.checkpoint import CheckpointError, load_checkpoint_model, resolve_checkpoint
 from clip_dro.evaluation.run import EvalError, NonFiniteEmbeddingError, evaluate, evaluate_from_cli
 from clip_dro.models import build_model, register_model_configs
 from clip_dro.data.shard_reader import caption_lines
 from datagen import read_tar
-from evalgen import (bomb_png, brute_force_classification, brute_force_retrieval, make_checkpoint, make_imagefolder,
-                     make_retrieval_set, make_train_set, make_zeroshot_shards, truncated_png)
+from evalgen import (BAD, CLASSES, FRUITS, TEMPLATES, brute_force_classification, brute_force_retrieval, eval_set_args,
+                     make_checkpoint, make_imagefolder, make_retrieval_set, make_train_set, make_zeroshot_shards)
 
 BATCH = 4
-TEMPLATES = ["a photo of a {c}.", "a {c} drawn in pencil"]
 
 
 def _read_shards(directory: Path) -> list[dict[str, bytes]]:
@@ -196,13 +195,7 @@ def test_bad_eval_set_fails_before_the_model_is_loaded(tmp_path, sets):
     make_retrieval_set(tmp_path / "ret", num_images=3)
     (tmp_path / "ret" / "shard-00000.tar").unlink()
     make_retrieval_set(tmp_path / "nocap", num_images=3)
-    with tarfile.open(tmp_path / "nocap" / "shard-00000.tar") as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(tmp_path / "nocap" / "shard-00000.tar", "w") as tar:
-        for m, data in members:
-            if m.name == "000000002.txt":
-                data, m.size = b"", 0
-            tar.addfile(m, io.BytesIO(data))
+    rewrite_members(tmp_path / "nocap" / "shard-00000.tar", lambda name, b: b"" if name == "000000002.txt" else b)
     with pytest.raises(EvalSetError, match="sample 000000002 has no captions"):
         evaluate_from_cli(checkpoint=ckpt, retrieval=[sets / "coco_test", tmp_path / "nocap"], zeroshot=[],
                           output=None, batch_size=4, export=None)
@@ -274,38 +267,13 @@ def test_non_finite_embeddings_name_the_set_side_and_count(sets, kind, side, mes
 
 # ------------------------------------------------------------------------------------------- bad images
 
-CLASSES = ["cat", "dog", "bird", "fish", "horse", "cow"]
-FRUITS = ["apple", "banana", "cherry"]
-# Each set's bad images by position, in the middle of a batch and at the start of one, so that the rows after
+# bad_sets (conftest.py): BAD's images in the middle of a batch and at the start of one, so that the rows after
 # them must still line up with their captions and labels.
-BAD = {"coco_test": {5: bomb_png(), 8: truncated_png()}, "zs_shards": {3: b"not an image"},
-       "zs_folder": {3: truncated_png(1)}}
-
-
-def _write_sets(root: Path, replace: dict[str, dict]) -> Path:
-    make_retrieval_set(root / "coco_test", num_images=11, shard_size=4, seed=1, replace=replace["coco_test"])
-    make_zeroshot_shards(root / "zs_shards", CLASSES, per_class=2, shard_size=5, templates=TEMPLATES,
-                         replace=replace["zs_shards"])
-    make_imagefolder(root / "zs_folder", FRUITS, per_class=3, replace=replace["zs_folder"])
-    (root / "zs_folder" / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")  # fewer prompts: faster
-    return root
-
-
-@pytest.fixture(scope="module")
-def bad_sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad")
-    return (_write_sets(root / "bad", BAD),
-            _write_sets(root / "clean", {name: {i: None for i in bad} for name, bad in BAD.items()}))
-
-
-def _cli_sets(root: Path) -> list[str]:
-    return ["--retrieval", str(root / "coco_test"), "--zeroshot", str(root / "zs_shards"), str(root / "zs_folder")]
-
 
 def test_bad_images_are_skipped_and_counted(tmp_path, bad_sets, capsys):
     bad, clean = bad_sets
     ckpt = make_checkpoint(tmp_path / "ckpt", seed=3)
-    assert main(["eval", "--checkpoint", str(ckpt), *_cli_sets(bad), "--batch-size", str(BATCH), "--workers", "2",
+    assert main(["eval", "--checkpoint", str(ckpt), *eval_set_args(bad), "--batch-size", str(BATCH), "--workers", "2",
                  "--output", str(tmp_path / "bad.json")]) == 0
     out = capsys.readouterr().out
     doc = json.loads((tmp_path / "bad.json").read_text())
@@ -340,7 +308,7 @@ def test_bad_images_are_skipped_and_counted(tmp_path, bad_sets, capsys):
     assert f"coco_test: skipped {ret / 'shard-00001.tar'}: sample 000000005: DecompressionBombError: Image size" in out
 
     # Decoding in this process gives the same document.
-    assert main(["eval", "--checkpoint", str(ckpt), *_cli_sets(bad), "--batch-size", str(BATCH), "--workers", "0",
+    assert main(["eval", "--checkpoint", str(ckpt), *eval_set_args(bad), "--batch-size", str(BATCH), "--workers", "0",
                  "--output", str(tmp_path / "inline.json")]) == 0
     assert json.loads((tmp_path / "inline.json").read_text()) == doc
 

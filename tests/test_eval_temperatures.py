@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clip_dro.evaluation.temperatures import TemperatureError, analyze_temperatures, read_temperatures, spearman
+from clip_dro.checkpoint import TemperatureError, read_temperatures
+from clip_dro.evaluation.temperatures import analyze_temperatures, spearman
 from evalgen import make_retrieval_set, make_train_set
 
 FREQUENCIES = {"circle": 0.6, "square": 0.25, "star": 0.1, "moon": 0.05, "heart": 0.05}

@@ -190,6 +190,7 @@ def test_index_outside_the_manifest_names_shard_and_key(data, tmp_path):
         list(loader(bad, 8, lanes=2).epoch(0))
 
 
+@pytest.mark.slow
 def test_two_real_processes_match_one(data, tmp_path):
     script = Path(__file__).with_name("loader_rank.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")])}

@@ -1,4 +1,4 @@
-"""The losses of SPEC 4 against independent computations: brute force, finite differences, open_clip."""
+"""The losses of design.md §4 against independent computations: brute force, finite differences, open_clip."""
 from __future__ import annotations
 
 import io

@@ -1,9 +1,6 @@
-"""SPEC 4.4: two processes with batch b each are the same computation as one process with batch 2b."""
+"""design.md §5.1: two processes with batch b each are the same computation as one process with batch 2b."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,17 +8,18 @@ import torch
 from torch.testing import assert_close
 
 import losses_dist_worker as worker
+from clip_dro.bench import launch
 from clip_dro.losses import LossStateSizeError, build_loss
 from clip_dro.losses.state import StateShard, reshard
+
+pytestmark = pytest.mark.slow  # every test reads the records of a torchrun of two processes
 
 
 @pytest.fixture(scope="module")
 def two_process_records(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(worker.__file__)), str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    done = launch.run([str(out)], nproc=2, entry=[str(Path(worker.__file__))], timeout=180,
+                      env=launch.environment(PYTHONWARNINGS="ignore"))
     assert done.returncode == 0, done.stderr[-3000:]
     return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
 

@@ -23,7 +23,7 @@ from clip_dro.manifest import load_manifest
 from data_prep.images import load_bytes
 from data_prep.reshard import prep_wds
 from data_prep.writer import PROGRESS_NAME, Candidate, write_dataset
-from datagen import caption, id_of_image, image_bytes, read_dataset, write_images, write_wds_input
+from datagen import caption, id_of_image, image_bytes, read_dataset, tar_bytes, write_images, write_wds_input
 
 SHARD_SIZE = 4
 
@@ -227,18 +227,6 @@ def test_failed_run_resumes_and_other_partial_output_is_refused(tmp_path):
     assert manifest.num_samples == 40 and files(tmp_path / "out") == want
 
 
-def _tar_bytes(samples: list[dict]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for s in samples:
-            for ext, data in s.items():
-                if ext != "__key__":
-                    info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_damaged_input_tars_are_rejected_rows_and_prep_goes_on(tmp_path):
     def samples(shard: int, n: int = 5) -> list[dict]:
         return [{"__key__": f"{shard}{i:04d}", "jpg": image_bytes(10 * shard + i),
@@ -247,14 +235,14 @@ def test_damaged_input_tars_are_rejected_rows_and_prep_goes_on(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
     write_wds_input(inputs / "00000.tar", samples(0))
-    data = _tar_bytes(samples(1))
+    data = tar_bytes(samples(1))
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         members = tar.getmembers()
     cut_in_data = members[7].offset_data + 10  # inside sample 3's caption
     cut_at_member = members[4].offset  # right before sample 2's image: no end-of-archive block
     (inputs / "00001.tar").write_bytes(data[:cut_in_data])
     (inputs / "00002.tar").write_bytes(b"\x00garbage" * 100)
-    (inputs / "00003.tar").write_bytes(_tar_bytes(samples(3))[:cut_at_member])
+    (inputs / "00003.tar").write_bytes(tar_bytes(samples(3))[:cut_at_member])
     write_wds_input(inputs / "00004.tar", samples(4)[:3] + [{"__key__": "40003", "jpg": b"not a jpeg",
                                                              "txt": b"item 43 caption 0"}])
     manifest = prep_wds(input=str(inputs / "{00000..00004}.tar"), output=tmp_path / "out", shard_size=4, workers=1,

@@ -17,7 +17,7 @@ from data_prep.synthetic import (EVAL_CONCEPTS, concept_counts, eval_concepts, p
 from datagen import read_dataset
 
 NUM_TRAIN = 320
-WEB_SCALE = 4000  # the quickstart's num_train, where SPEC 3.4's frequency claims are checked
+WEB_SCALE = 4000  # the quickstart's num_train, where design.md §3.4's frequency claims are checked
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from clip_dro.errors import UserError
 
 from clip_dro.quickstart import LOSSES, TABLE_METRICS, run_quickstart
 
+pytestmark = pytest.mark.slow  # trains every loss
+
 
 def test_quickstart_writes_a_consistent_comparison(tmp_path):
     table = run_quickstart(tmp_path, steps=2, num_train=480, setup="scratch")

@@ -6,6 +6,7 @@ small shards); the README's table "Documented commands under test" lists them wi
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import torch
 import yaml
 
 from datagen import caption, image_bytes, write_images, write_wds_input
+from benchmark_standins import write_readme_standins
 from evalgen import make_imagefolder
 from standins import write_resnet50_state_dict, write_tiny_distilbert
 from test_shipped_configs import tiny_model_overrides
@@ -28,6 +30,7 @@ from test_shipped_configs import tiny_model_overrides
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent
+TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
 
 
 def fenced_blocks(text: str, lang: str) -> list[str]:
@@ -79,6 +82,12 @@ def scaled(command: str, workspace: Path) -> Optional[str]:
     if command.startswith("bash bench/gpu_check.sh") and not torch.cuda.is_available():
         return None  # GPU only; its CPU dry run (python bench/gpu_check.py ...) is run instead
     command = command.replace(" /data/", f" {workspace}/data/").replace("'/data/", f"'{workspace}/data/")
+    if "tuxpaint" in command and not TUXPAINT_STAMPS.is_dir():
+        return None  # needs Debian's tuxpaint-stamps-default; test_prep_tuxpaint.py runs a stand-in of it
+    if command.startswith("clip-dro prep tuxpaint"):
+        return command
+    if command.startswith("clip-dro compare"):
+        return re.sub(r"--seeds \d+", "--seeds 2", command) + " train.max_steps=2 data.batch_size=32"
     if command.startswith("clip-dro prep synthetic"):
         return command + " --num-train 480"
     if command.startswith("clip-dro prep"):
@@ -89,6 +98,8 @@ def scaled(command: str, workspace: Path) -> Optional[str]:
         return command + " --quick"
     if command.startswith("python bench/gpu_check.py"):
         return command.replace("--num-train 1000", "--num-train 300").replace("--steps 20", "--steps 4")
+    if command.startswith("clip-dro eval --model"):  # the tiny model in ViT-B-32's place, a state dict of it
+        return command.replace("--model ViT-B-32 ", "--model tiny-vit ").replace(" /weights/", f" {workspace}/weights/")
     if "/weights/" in command:  # the paper's own model, on stand-in weight files of the same formats
         command = command.replace("/weights/", f"{workspace}/weights/")
         return " ".join([command, *_config_paths(_config_of(command), workspace), "train.max_steps=1",
@@ -147,6 +158,7 @@ def workspace(tmp_path_factory) -> Path:
         (home / name).symlink_to(ROOT / name)
     write_resnet50_state_dict(root / "weights/resnet50-0676ba61.pth")
     write_tiny_distilbert(root / "weights/distilbert-base-uncased")
+    write_readme_standins(data, root / "weights")
     bin_dir = root / "bin"
     bin_dir.mkdir()
     for name, text in SLURM_STANDINS.items():
@@ -178,6 +190,24 @@ def _check_outputs(command: str, workspace: Path) -> None:
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         evaluated = {line["dataset"] for line in lines if "eval" in line}
         assert evaluated == {Path(p).name for p in config["eval"]["retrieval"] + config["eval"]["zeroshot"]}
+    elif command.startswith("clip-dro eval --model"):
+        output = home / re.search(r"--output (\S+)", command).group(1)
+        document = json.loads(output.read_text())
+        assert document["model"] == "tiny-vit" and document["pretrained"].endswith("/weights/ViT-B-32.pt")
+        datasets = [r["dataset"] for r in document["results"]]
+        words = command.split()
+        named = [w for flag in ("--retrieval", "--zeroshot") if flag in words
+                 for w in itertools.takewhile(lambda w: not w.startswith("--"), words[words.index(flag) + 1:])]
+        assert len(datasets) == len(named), (datasets, named)
+        written = {json.loads(p.read_text())["dataset"] for p in (output.parent / "clip_benchmark").glob("*.json")}
+        assert set(datasets) <= written
+    elif command.startswith("clip-dro eval --checkpoint quickstart"):
+        results = json.loads((home / "quickstart/isogclr_tail.json").read_text())["results"]
+        assert [r["task"] for r in results] == ["zeroshot_classification"]
+        assert results[0]["tail"]["terciles"].keys() == {"head", "torso", "tail"}
+        held_out = json.loads((home / "quickstart/data/zeroshot/manifest.json").read_text())["num_samples"]
+        assert sum(results[0]["tail"]["per_class"]["images"]) == held_out  # every image, by class
+        assert (home / "quickstart/tail/zeroshot_tail.png").is_file()
     elif command.startswith("clip-dro eval"):
         results = json.loads((home / "results.json").read_text())["results"]
         assert [r["dataset"] for r in results] == ["coco_karpathy_test", "flickr30k_karpathy_test", "imagenet_val"]
@@ -187,6 +217,14 @@ def _check_outputs(command: str, workspace: Path) -> None:
         assert [r["dataset"] for r in results] == ["imagenet_val"]
         single = json.loads((home / "results.json").read_text())["results"][-1]
         assert results[0]["metrics"] == pytest.approx(single["metrics"], abs=1e-9), "the numbers of one process"
+    elif command.startswith("clip-dro compare"):
+        output = home / re.search(r"--output (\S+)", command).group(1)
+        losses = re.search(r"--losses (\S+)", command)
+        losses = losses.group(1).split(",") if losses else ["clip", "sogclr", "isogclr"]
+        runs = json.loads((output / "comparison.json").read_text())["runs"]
+        assert sorted((r["loss"], r["seed"]) for r in runs) == sorted(itertools.product(losses, range(2)))
+        table = pd.read_csv(output / "comparison.csv")
+        assert set(table["loss"]) == set(losses) and (output / "comparison.png").is_file()
     elif command.startswith("clip-dro quickstart"):
         assert set(json.loads((home / "quickstart/comparison.json").read_text())) == {"clip", "sogclr", "isogclr"}
     elif command.startswith("clip-dro bench"):
@@ -201,6 +239,7 @@ def _check_outputs(command: str, workspace: Path) -> None:
                 assert r["max_metric_difference"] == 0.0, r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS, ids=[f"{i:02d}-{c[:40]}" for i, c in enumerate(COMMANDS)])
 def test_readme_command(command, workspace):
     runnable = scaled(command, workspace)
@@ -219,9 +258,9 @@ def test_readme_command(command, workspace):
 def test_readme_has_the_documented_commands():
     """The tour keeps every kind of command (a README edit that drops one is caught here)."""
     starts = ["clip-dro quickstart", "clip-dro prep wds", "clip-dro prep coco", "clip-dro prep csv",
-              "clip-dro prep synthetic", "clip-dro train --config", "accelerate launch --config_file launch/accelerate_1gpu",
+              "clip-dro prep synthetic", "clip-dro prep tuxpaint", "clip-dro compare", "clip-dro train --config", "accelerate launch --config_file launch/accelerate_1gpu",
               "accelerate launch --config_file launch/accelerate_8gpu", "torchrun", "bash launch/multinode.sh",
-              "sbatch", "clip-dro eval", "-m clip_dro.cli eval", "clip-dro bench", "python bench/gpu_check.py"]
+              "sbatch", "clip-dro eval", "-m clip_dro.cli eval", "clip-dro eval --model", "--train-data", "clip-dro bench", "python bench/gpu_check.py"]
     for start in starts:
         assert any(start in c for c in COMMANDS), start
 

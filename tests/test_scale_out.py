@@ -1,4 +1,4 @@
-"""SPEC 4.4 and 4.6 in the trainer: each process keeps and writes its shard of the per-sample state, and a run
+"""design.md §5.2 and §7.2 in the trainer: each process keeps and writes its shard of the per-sample state, and a run
 saved by 2 processes resumes at 1 and at 4 with the numbers of the uninterrupted run."""
 import json
 
@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from clip_dro.checkpoint import read_loss_state
-from clip_dro.evaluation.temperatures import read_temperatures
+from clip_dro.bench import launch
+from clip_dro.checkpoint import read_loss_state, read_temperatures
 from clip_dro.losses import ISogCLRLoss
-from test_trainer import TINY, assert_same_checkpoint, cli, data, overrides  # noqa: F401  (data is a fixture)
+from test_trainer import TINY, assert_same_checkpoint, overrides
 
 # lanes = 4 is a multiple of 1, 2 and 4 processes; the global batch is 16 throughout
 LAYOUT = {"data.lanes": 4, "data.workers": 1, "train.max_steps": 6, "train.checkpoint_every": 3}
@@ -22,14 +22,15 @@ def _args(data_dir, out, nproc: int, **extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(data, tmp_path_factory):  # noqa: F811
+def two_process_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("two") / "run"
-    done = cli(_args(data, out, 2), nproc=2)
+    done = launch.run(_args(data, out, 2), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
-def test_every_process_writes_its_shard(two_process_run, data):  # noqa: F811
+@pytest.mark.slow
+def test_every_process_writes_its_shard(two_process_run, data):
     final = two_process_run / "final"
     manifest = json.loads((data / "train/manifest.json").read_text())
     shards = [torch.load(final / f"loss_state/shard-{r:05d}-of-00002.pt") for r in range(2)]
@@ -51,12 +52,13 @@ def test_every_process_writes_its_shard(two_process_run, data):  # noqa: F811
     assert from_csv.tau.nunique() > 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 4])
-def test_resume_at_another_number_of_processes(two_process_run, data, tmp_path, nproc):  # noqa: F811
+def test_resume_at_another_number_of_processes(two_process_run, data, tmp_path, nproc):
     """Saved at step 3 by 2 processes, resumed by `nproc`: re-sharded on load, same run (up to the summation
     order of DDP's all-reduce, as between 1 and 2 processes)."""
-    done = cli(_args(data, tmp_path / "resumed", nproc,
-                     **{"train.resume": str(two_process_run / "checkpoints/step-3")}), nproc=nproc)
+    done = launch.run(_args(data, tmp_path / "resumed", nproc,
+                            **{"train.resume": str(two_process_run / "checkpoints/step-3")}), nproc=nproc)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
     assert_same_checkpoint(two_process_run / "final", tmp_path / "resumed/final", weights_atol=1e-4, state_atol=2e-5)

@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
+from clip_dro.bench import launch
 from clip_dro.config import ModelConfig, load_config
 from clip_dro.data.train_loader import TrainLoader, check_layout
 from clip_dro.resources import CONFIGS_DIR, shipped_configs
 from data_prep.tabular import prep_table
 from datagen import captions_table, id_tokenizer
 from evalgen import make_imagefolder, make_retrieval_set
-from test_trainer import cli
 from torchvision.transforms.functional import to_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +111,7 @@ def tiny_model_overrides(model: dict) -> list[str]:
                                       for key, value in changed.items()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 @pytest.mark.parametrize("name", sorted(MEANT_FOR))
 def test_config_starts_and_finishes_on_real_processes(standin, tmp_path, name, processes):
@@ -118,7 +119,7 @@ def test_config_starts_and_finishes_on_real_processes(standin, tmp_path, name, p
     overrides = start_overrides(name, standin, tmp_path / "run")
     if cfg.data.batch_size * processes > 512:  # the stand-in's 640 samples: at most one 512-sample batch
         overrides.append(f"data.batch_size={512 // processes}")
-    proc = cli(["train", "--config", name] + overrides, nproc=processes)
+    proc = launch.run(["train", "--config", name] + overrides, nproc=processes)
     assert proc.returncode == 0, proc.stderr[-4000:]
     state = json.loads((tmp_path / "run/final/trainer_state.json").read_text())
     assert state["global_step"] == 2 and state["lanes"] == (cfg.data.lanes or processes * max(cfg.data.workers, 1))
@@ -127,6 +128,7 @@ def test_config_starts_and_finishes_on_real_processes(standin, tmp_path, name, p
     assert evaluated == ["retrieval", "zeroshot"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MEANT_FOR))
 def test_each_config_builds_its_own_model_on_the_cpu(name, tmp_path):
     """The config's own architecture and towers (the paper's with stand-in weight files of the same
@@ -149,6 +151,7 @@ def test_each_config_builds_its_own_model_on_the_cpu(name, tmp_path):
     assert not torch.allclose(image_features[0], image_features[1]), "the image tower ignores its input"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["configs/rn50_isogclr.yaml", "configs/vit_b32_isogclr.yaml"])
 def test_open_clip_config_trains_a_step_with_its_own_model(standin, tmp_path, config):
     """The config as shipped (its own architecture, precision, loss, workers) trains a step on the CPU and
@@ -157,9 +160,10 @@ def test_open_clip_config_trains_a_step_with_its_own_model(standin, tmp_path, co
 
     path = ROOT / config
     cfg = load_config(path)
-    proc = cli(["train", "--config", str(path), f"data.train={standin / 'train'}", "data.batch_size=4",
-                "data.lanes=2", f"eval.retrieval=[{standin / 'retrieval'}]", f"eval.zeroshot=[{standin / 'zeroshot'}]",
-                "train.max_steps=1", f"train.output_dir={tmp_path / 'run'}"])
+    proc = launch.run(["train", "--config", str(path), f"data.train={standin / 'train'}", "data.batch_size=4",
+                       "data.lanes=2", f"eval.retrieval=[{standin / 'retrieval'}]",
+                       f"eval.zeroshot=[{standin / 'zeroshot'}]", "train.max_steps=1",
+                       f"train.output_dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-4000:]
     final = tmp_path / "run/final"
     assert json.loads((final / "trainer_state.json").read_text())["global_step"] == 1

@@ -6,21 +6,13 @@ import shutil
 import pytest
 import torch
 
+from clip_dro.bench import launch
 from clip_dro.checkpoint import CheckpointError
 from clip_dro.data.train_loader import LoaderError
 from clip_dro.models import build_model
-from test_trainer import TINY, assert_same_checkpoint, cli, overrides, run
+from test_trainer import TINY, assert_same_checkpoint, overrides, run
 
 SHARD = "loss_state/shard-00000-of-00001.pt"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from data_prep.synthetic import prep_synthetic
-
-    root = tmp_path_factory.mktemp("synthetic")
-    prep_synthetic(output=root, num_train=480, seed=0, workers=1)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +34,7 @@ def assert_one_line_error(proc, *fragments: str) -> str:
     return errors[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, key", [
     ({"data.batch_size": 8}, "global batch"),
     ({"data.lanes": 4}, "data.lanes = 2, this run has 4"),
@@ -57,6 +50,7 @@ def test_resume_refuses_settings_that_change_the_run(data, full_run, tmp_path, c
     assert not (tmp_path / "r/checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_resume_allows_what_cannot_change_the_run(data, full_run, tmp_path):
     """Workers, logging, checkpoint cadence, the output directory and what to do with bad samples (on clean
     data) change nothing: same final state."""
@@ -66,25 +60,28 @@ def test_resume_allows_what_cannot_change_the_run(data, full_run, tmp_path):
     assert_same_checkpoint(full_run / "final", resumed)
 
 
+@pytest.mark.slow
 def test_loader_worker_error_is_one_line(data, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(data / "train", bad)
     for shard in bad.glob("*.tar"):  # cut short after their first samples: the first step meets one
         shard.write_bytes(shard.read_bytes()[:3000])
-    proc = cli(["train", "--config", str(TINY)] + overrides(bad.parent, tmp_path / "x", **{
+    proc = launch.run(["train", "--config", str(TINY)] + overrides(bad.parent, tmp_path / "x", **{
         "data.train": str(bad), "data.workers": 1}))
     assert_one_line_error(proc, f"shard {bad}/shard-")
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_is_one_line(data, tmp_path):
     state = build_model("tiny-vit").model.state_dict()
     state["visual.proj"] = torch.full_like(state["visual.proj"], float("nan"))
     torch.save(state, tmp_path / "nan.pt")
-    proc = cli(["train", "--config", str(TINY)] + overrides(data, tmp_path / "x", **{
+    proc = launch.run(["train", "--config", str(TINY)] + overrides(data, tmp_path / "x", **{
         "data.workers": 1, "model.pretrained": str(tmp_path / "nan.pt")}))
     assert_one_line_error(proc, "non-finite features at step 1")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, fragment", [
     (lambda c: (c / "trainer_state.json").write_text('{"global_step": 3,'), "trainer_state.json is damaged"),
     (lambda c: (c / "trainer_state.json").write_text('{"global_step": 3}'), "lacks dataset_id"),
@@ -96,7 +93,7 @@ def test_damaged_checkpoint_is_one_line(data, full_run, tmp_path, damage, fragme
     checkpoint = tmp_path / "step-3"
     shutil.copytree(full_run / "checkpoints/step-3", checkpoint)
     damage(checkpoint)
-    proc = cli(["train", "--config", str(TINY)] + overrides(data, tmp_path / "x", **{
+    proc = launch.run(["train", "--config", str(TINY)] + overrides(data, tmp_path / "x", **{
         "data.workers": 1, "train.resume": str(checkpoint)}))
     assert_one_line_error(proc, str(checkpoint), fragment)
 
@@ -125,6 +122,7 @@ def test_workers_need_not_divide_lanes():
         assert check_layout("d", 100, 64, processes, 6, 64) == 64
 
 
+@pytest.mark.slow
 def test_one_bad_eval_image_does_not_cost_the_run_its_evaluation(data, tmp_path):
     """An oversized PNG (a decompression bomb to PIL) in the zero-shot folder: skipped and counted in the
     final evaluation; with eval.on_bad_image=error, a one-line error naming the file."""
@@ -137,6 +135,6 @@ def test_one_bad_eval_image_does_not_cost_the_run_its_evaluation(data, tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "ok/metrics.jsonl").read_text().splitlines()]
     (final_eval,) = [x for x in lines if x.get("eval") == "zeroshot_classification"]
     assert final_eval["skipped_images"] == 1 and 0 <= final_eval["acc1"] <= 100
-    proc = cli(["train", "--config", str(TINY)] + overrides(data, tmp_path / "strict", **base,
-                                                             **{"eval.on_bad_image": "error"}))
+    proc = launch.run(["train", "--config", str(TINY)] + overrides(data, tmp_path / "strict", **base,
+                                                                    **{"eval.on_bad_image": "error"}))
     assert_one_line_error(proc, str(folder / "b"), "DecompressionBomb")

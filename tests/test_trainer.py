@@ -1,9 +1,7 @@
 """The trainer: exact resume, one process equals two, failures leave resumable state, clear errors."""
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from clip_dro.bench import launch
 from clip_dro.checkpoint import CheckpointError, read_loss_state
 from clip_dro.config import load_config
 from clip_dro.models import build_model
@@ -18,15 +17,6 @@ from clip_dro.resources import CONFIGS_DIR
 from clip_dro.trainer import NonFiniteLoss, train
 
 TINY = CONFIGS_DIR / "tiny_cpu.yaml"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from data_prep.synthetic import prep_synthetic
-
-    root = tmp_path_factory.mktemp("synthetic")
-    prep_synthetic(output=root, num_train=480, seed=0, workers=1)
-    return root
 
 
 def overrides(data_dir: Path, out: Path, **extra) -> list[str]:
@@ -42,16 +32,6 @@ def run(data_dir, out, **extra) -> Path:
     return train(load_config(TINY, overrides(data_dir, out, **extra)))
 
 
-def cli(args: list[str], nproc: int = 1, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "clip_dro.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "clip_dro.cli", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, **kw)
-
-
 def assert_same_checkpoint(a: Path, b: Path, weights_atol: float = 0.0, state_atol: float = 0.0) -> None:
     ma, mb = torch.load(a / "model.pt"), torch.load(b / "model.pt")
     assert ma.keys() == mb.keys()
@@ -63,6 +43,7 @@ def assert_same_checkpoint(a: Path, b: Path, weights_atol: float = 0.0, state_at
         torch.testing.assert_close(la[k], lb[k], atol=state_atol, rtol=0, msg=k)
 
 
+@pytest.mark.slow
 def test_resume_from_midway_checkpoint_equals_uninterrupted(data, tmp_path):
     full = run(data, tmp_path / "full")
     assert (tmp_path / "full/checkpoints/step-3/trainer_state.json").is_file()
@@ -76,6 +57,7 @@ def test_resume_from_midway_checkpoint_equals_uninterrupted(data, tmp_path):
     assert ta.tau.nunique() > 1, "iSogCLR moved no temperature"
 
 
+@pytest.mark.slow
 def test_run_directory_layout_and_open_clip_loads_final_model(data, tmp_path):
     import open_clip
 
@@ -93,26 +75,27 @@ def test_run_directory_layout_and_open_clip_loads_final_model(data, tmp_path):
     assert not torch.equal(reference["visual.proj"], saved["visual.proj"]), "training changed nothing"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["isogclr", "clip"])
 def test_two_processes_equal_one_process_with_double_batch(data, tmp_path, loss):
     common = ["train", "--config", str(TINY)]
-    one = cli(common + overrides(data, tmp_path / "one", **{"data.batch_size": 16, "train.max_steps": 4,
-                                                             "loss.name": loss}))
+    one = launch.run(common + overrides(data, tmp_path / "one", **{"data.batch_size": 16, "train.max_steps": 4,
+                                                                    "loss.name": loss}))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = cli(common + overrides(data, tmp_path / "two", **{"data.batch_size": 8, "train.max_steps": 4,
-                                                             "loss.name": loss}), nproc=2)
+    two = launch.run(common + overrides(data, tmp_path / "two", **{"data.batch_size": 8, "train.max_steps": 4,
+                                                                    "loss.name": loss}), nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     # Summation order differs (DDP's all-reduce), and AdamW turns gradients that are zero up to rounding (the
     # attention key biases) into steps of either sign, so weights agree to ~lr/10; the state is tighter.
     assert_same_checkpoint(tmp_path / "one/final", tmp_path / "two/final", weights_atol=1e-4, state_atol=2e-5)
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_checkpoint_and_resumes_to_same_result(data, tmp_path):
     args = ["train", "--config", str(TINY)] + overrides(data, tmp_path / "killed", **{
         "train.max_steps": 30, "train.checkpoint_every": 0, "loss.name": "sogclr"})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "clip_dro.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(launch.command(args), env=launch.environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "killed/metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
@@ -124,16 +107,17 @@ def test_interrupted_run_leaves_checkpoint_and_resumes_to_same_result(data, tmp_
     assert len(step_dirs) == 1 and "resume with train.resume=latest" in out
     stopped_at = int(step_dirs[0].name.split("-")[1])
     assert 3 <= stopped_at < 30
-    resumed = cli(args + ["train.resume=latest"])
+    resumed = launch.run(args + ["train.resume=latest"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {step_dirs[0]} at step {stopped_at}" in resumed.stdout + resumed.stderr
     # The same thread count as the killed run (OMP_NUM_THREADS=1), so that float summation order matches.
-    full = cli(["train", "--config", str(TINY)] + overrides(data, tmp_path / "full", **{
+    full = launch.run(["train", "--config", str(TINY)] + overrides(data, tmp_path / "full", **{
         "train.max_steps": 30, "train.checkpoint_every": 0, "loss.name": "sogclr"}))
     assert full.returncode == 0, full.stderr[-3000:]
     assert_same_checkpoint(tmp_path / "full/final", tmp_path / "killed/final")
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_dataset_is_refused(data, tmp_path):
     from data_prep.synthetic import prep_synthetic
 
@@ -146,19 +130,21 @@ def test_checkpoint_from_another_dataset_is_refused(data, tmp_path):
         run(data, tmp_path / "c", **{"train.resume": str(tmp_path / "a/checkpoints/step-3"), "loss.name": "clip"})
 
 
+@pytest.mark.slow
 def test_bad_config_fails_before_work_with_one_line(data, tmp_path):
-    proc = cli(["train", "--config", str(TINY)] + overrides(data, tmp_path / "x", **{"loss.rhoo": 1}))
+    proc = launch.run(["train", "--config", str(TINY)] + overrides(data, tmp_path / "x", **{"loss.rhoo": 1}))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("clip-dro train: error: unknown config key loss.rhoo")
     assert not (tmp_path / "x/metrics.jsonl").exists()
-    proc = cli(["train", "--config", str(TINY)] + overrides(tmp_path / "nowhere", tmp_path / "y"))
+    proc = launch.run(["train", "--config", str(TINY)] + overrides(tmp_path / "nowhere", tmp_path / "y"))
     assert proc.returncode == 2 and "is not a prep output directory" in proc.stderr
-    proc = cli(["train", "--config", str(TINY)] + overrides(data, tmp_path / "z", **{
+    proc = launch.run(["train", "--config", str(TINY)] + overrides(data, tmp_path / "z", **{
         "eval.retrieval": f"[{data / 'zeroshot'}, {tmp_path / 'missing'}]"}))
     assert proc.returncode == 2 and "missing" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "z/metrics.jsonl").exists(), "a bad eval set must fail before training"
 
 
+@pytest.mark.slow
 def test_nonfinite_features_stop_or_skip_without_touching_state(data, tmp_path):
     bundle = build_model("tiny-vit")
     state = bundle.model.state_dict()

@@ -1,4 +1,4 @@
-"""``clip-dro bench``: SPEC 8's measurements, each side by side with its baseline in one run, as ratios."""
+"""``clip-dro bench``: design.md §11's measurements, each side by side with its baseline in one run, as ratios."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,10 @@ import pandas as pd
 
 
 def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096), train_batch: int = 128,
-              prep_images: int = 2000, state_ids: int = 1_000_000, checkpoint_ids: int = 50_000_000
-              ) -> dict[str, Any]:
+              prep_images: int = 2000, state_ids: int = 1_000_000, checkpoint_ids: int = 50_000_000,
+              eval_images: int = 5000, eval_classes: int = 1000) -> dict[str, Any]:
     """Run every case, print the table, write ``{"results": [...]}`` to ``output``."""
+    from clip_dro.bench.eval_speed import bench_eval_speed
     from clip_dro.bench.lane_schedule import bench_lane_schedule
     from clip_dro.bench.loader import bench_loader
     from clip_dro.bench.loss_step import bench_loss_step
@@ -46,6 +47,7 @@ def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096
     results.extend(bench_state_bytes(num_ids=state_ids))
     results.append(bench_checkpoint_write(num_ids=checkpoint_ids))
     results.append(evaluation)
+    results.extend(bench_eval_speed(images=eval_images, classes=eval_classes))
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

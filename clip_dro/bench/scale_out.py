@@ -1,4 +1,4 @@
-"""Benchmarks of the scale-out layout (SPEC 4.4, 4.6, 5): per-sample state bytes per process and the
+"""Benchmarks of the scale-out layout (design.md §5, §7.2, §8): per-sample state bytes per process and the
 collectives a step adds, checkpoint writes by every process against one process writing everything, and
 evaluation at 1 and 2 processes. Processes are spawned on this machine with gloo.
 """
@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from clip_dro.checkpoint import shard_name, write_temperature_shard
+from clip_dro.distributed import Processes
 from clip_dro.losses import ISogCLRLoss
 from clip_dro.losses.state import StateShard
-
 
 
 def _free_port() -> int:
@@ -142,7 +142,6 @@ def bench_checkpoint_write(num_ids: int = 50_000_000, world: int = 2) -> dict:
 
 
 def _evaluate(rank: int, world: int, data: str, batch_size: int) -> dict[str, Any]:
-    from clip_dro.evaluation.processes import Processes
     from clip_dro.evaluation.run import evaluate_sets, prepare_eval_sets
     from clip_dro.models import build_model
 

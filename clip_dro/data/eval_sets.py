@@ -1,4 +1,4 @@
-"""Reading evaluation sets (SPEC 5), checked before anything is encoded.
+"""Reading evaluation sets (design.md §8.3), checked before anything is encoded.
 
 * A retrieval set is a prep output directory: every sample is one image with all its captions.
 * A zero-shot set is a directory with ``classnames.txt`` (one name per line, in label order), optionally
@@ -8,11 +8,13 @@
   For the ImageFolder layout ``classnames.txt`` is optional: without it the folder names are the class names,
   except for exactly 1000 WordNet-id folders (``n01440764`` ...), which get open_clip's ImageNet class names.
 
-The ``check_*`` / ``load_*`` functions read only the small members of the shards (``.json``, ``.txt``,
-``.cls``): tarfile seeks over the images, so validating a set costs little next to encoding it. They note
-where each image is (:class:`ImageRef`); :func:`iter_image_batches` then decodes the images in order, in
-DataLoader workers if asked, and hands back an image that cannot be decoded as a :class:`BadImage` instead of
-failing, so that the caller decides whether one bad file ends an evaluation.
+The ``check_*`` / ``load_*`` functions keep only the small members of the shards (``.json``, ``.txt``,
+``.cls``), read by the one tar reader (``shard_reader.iter_tar``, which also checks that each shard ends
+cleanly), and note where each image is (:class:`ImageRef`: a file, an offset in a plain tar shard, or pixels
+held in memory); :func:`image_batches` then decodes the images in order, in DataLoader workers if asked, and
+hands back an image that cannot be decoded as a :class:`BadImage` instead of failing, so that the caller
+decides whether one bad file ends an evaluation. Other layouts (CLIP_benchmark's webdataset sets, Karpathy
+JSON, CIFAR archives) are read into the same types by :mod:`clip_dro.data.benchmark_sets`.
 
 Samples are parsed by the one reader of the sample format (``shard_reader.parse_sample``), and images with
 transparency are composited onto white (``shard_reader.to_rgb``). A set given as a URL (``http(s)://``,
@@ -24,20 +26,19 @@ from __future__ import annotations
 import atexit
 import re
 import shutil
-import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import open_clip
 import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
-from webdataset.tariterators import base_plus_ext
 
-from clip_dro.data.shard_reader import (DECODE_ERRORS, decode_rgb, image_extension, parse_sample, sample_meta,
-                                       shard_samples)
+from clip_dro.data.shard_reader import (DECODE_ERRORS, DamagedTar, TarMember, decode_rgb, image_extension,
+                                       iter_tar, parse_sample, sample_meta, shard_samples)
 from clip_dro.errors import UserError
 from clip_dro.manifest import (IMAGE_EXTENSIONS, MANIFEST_NAME, Location, LocationError, Manifest, is_url,
                                join_location, load_manifest, location_name, open_location)
@@ -45,7 +46,8 @@ from clip_dro.manifest import (IMAGE_EXTENSIONS, MANIFEST_NAME, Location, Locati
 CLASSNAMES_NAME = "classnames.txt"
 TEMPLATES_NAME = "templates.txt"
 _WORDNET_ID = re.compile(r"n\d{8}")
-_TAR_BLOCK = 512
+# The first bytes of a gzip, bzip2, xz or zstd stream: a compressed shard has no image offsets to seek to.
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")
 
 Template = Callable[[str], str]
 
@@ -69,19 +71,23 @@ def require_dir(directory: Location, what: str) -> Location:
 
 @dataclass(frozen=True)
 class ImageRef:
-    """Where one image of a set is: the file ``path``, or the member ``member`` of the shard tar ``path``."""
+    """Where one image of a set is: the file ``path``, the member ``member`` of the plain tar shard ``path``,
+    or ``pixels`` (an RGB array held in memory, e.g. from a CIFAR archive ``path``)."""
 
-    where: str  # how messages name it: the file, or "<shard>: sample <key>"
+    where: str  # how messages name it: the file, "<shard>: sample <key>", "<archive>: image <i>"
     path: Path
-    member: Optional[tarfile.TarInfo] = None
+    member: Optional[TarMember] = None
+    pixels: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
     def read(self) -> bytes:
         if self.member is None:
             return self.path.read_bytes()
-        # The member as the scan found it: tarfile reads its bytes without indexing the archive again (a
-        # compressed shard is decompressed up to the member each time; prep writes plain tars).
-        with tarfile.open(self.path) as tar:
-            return tar.extractfile(self.member).read()
+        with open(self.path, "rb") as stream:
+            stream.seek(self.member.offset)
+            data = stream.read(self.member.size)
+        if len(data) != self.member.size:
+            raise EOFError(f"the shard ends {self.member.size - len(data)} bytes into the image")
+        return data
 
 
 @dataclass(frozen=True)
@@ -92,17 +98,15 @@ class BadImage:
     reason: str
 
 
-# Reading adds tarfile.TarError for a shard member cut short (OSError is already in DECODE_ERRORS).
-_READ_ERRORS = (*DECODE_ERRORS, tarfile.TarError)
-
-
 def decode_image(ref: ImageRef) -> Image.Image | BadImage:
     """The RGB image at ``ref``, or a :class:`BadImage` saying why there is none."""
+    if ref.pixels is not None:
+        return Image.fromarray(ref.pixels)
     try:
         return decode_rgb(ref.read())
     except UnidentifiedImageError:  # its own message names only the in-memory buffer
         return BadImage(ref.where, "UnidentifiedImageError: not an image format PIL recognizes")
-    except _READ_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         return BadImage(ref.where, f"{type(exc).__name__}: {' '.join(str(exc).split())}")
 
 
@@ -149,13 +153,17 @@ def image_batches(refs: Sequence[ImageRef], preprocess: Callable, batch_size: in
 
 @dataclass
 class ShardSample:
-    """One sample of a shard as seen by a scan: its members by extension, and the bytes of the small ones."""
+    """One sample of a shard as seen by a scan: its members by extension, the small ones as bytes and the
+    others (images) as where they lie (:class:`TarMember`)."""
 
     shard: Path
     key: str
-    members: dict[str, tarfile.TarInfo]
-    data: dict[str, bytes]
+    members: dict[str, bytes | TarMember]
     label: Optional[str] = None  # how messages name the shard (its URL for a copied remote set)
+
+    @property
+    def data(self) -> dict[str, bytes]:
+        return {ext: value for ext, value in self.members.items() if isinstance(value, bytes)}
 
     @property
     def where(self) -> str:
@@ -168,41 +176,22 @@ class ShardSample:
         return None if ext is None else ImageRef(self.where, self.shard, self.members[ext])
 
 
-def _check_archive_end(tar: tarfile.TarFile, shard: Location, last: Optional[tarfile.TarInfo]) -> None:
-    """A complete tar archive has its end-of-archive block (zeros) right after its last member. tarfile stops
-    without a word at a header that is cut short or damaged, so without this a truncated shard would pass for
-    one with fewer members."""
-    if last is None:  # tarfile.open has already refused a first header cut short or damaged
-        return
-    tar.fileobj.seek(last.offset_data + -(-last.size // _TAR_BLOCK) * _TAR_BLOCK)
-    if tar.fileobj.read(_TAR_BLOCK) != bytes(_TAR_BLOCK):
-        raise EvalSetError(f"{shard}: truncated or damaged tar shard (no end-of-archive block after member "
-                           f"{last.name})")
-
-
-def _read_shard(shard: Path, read: set[str], label: Optional[str] = None) -> list[ShardSample]:
-    """The samples of one shard with the bytes of the members whose extension is in ``read``, grouped by key
-    the way webdataset groups them (``base_plus_ext``); messages name it ``label`` (default: its path)."""
+def read_shard(shard: Path, read: set[str], label: Optional[str] = None) -> list[ShardSample]:
+    """The samples of one plain tar shard with the bytes of the members whose extension is in ``read``, the
+    others noted by offset; messages name it ``label`` (default: its path)."""
     name = label or shard
     try:
-        with tarfile.open(shard) as tar:
-            samples: list[ShardSample] = []
-            last: Optional[tarfile.TarInfo] = None
-            for member in tar:
-                last = member
-                key, ext = base_plus_ext(member.name)
-                if not member.isfile() or key is None:
-                    continue
-                ext = ext.lower()
-                if not samples or samples[-1].key != key:
-                    samples.append(ShardSample(shard, key, {}, {}, label))
-                samples[-1].members[ext] = member
-                if ext in read:
-                    samples[-1].data[ext] = tar.extractfile(member).read()
-            _check_archive_end(tar, name, last)
-            return samples
-    except (tarfile.TarError, EOFError, OSError) as exc:  # EOFError: a compressed shard cut short
-        raise EvalSetError(f"{name}: not a readable tar shard, truncated or damaged ({exc})") from None
+        with open(shard, "rb") as stream:
+            if stream.read(6).startswith(_COMPRESSED_MAGIC):
+                raise EvalSetError(f"{name}: a compressed tar shard; evaluation reads images by their offset in a "
+                                   "plain tar, so decompress it first")
+            stream.seek(0)
+            return [ShardSample(shard, key, members, label)
+                    for key, members in iter_tar(stream, str(name), read=lambda ext: ext in read)]
+    except DamagedTar as exc:
+        raise EvalSetError(str(exc)) from None
+    except OSError as exc:
+        raise EvalSetError(f"{name}: not a readable tar shard ({exc})") from None
 
 
 def scan_shards(directory: Path, manifest: Manifest, read: set[str],
@@ -212,7 +201,7 @@ def scan_shards(directory: Path, manifest: Manifest, read: set[str],
     ``origin`` is the URL a local copy ``directory`` was made from: messages name the shards there."""
     for info, shard in zip(manifest.shards, manifest.shard_paths(directory)):
         label = None if origin is None else str(join_location(origin, info.name))
-        samples = _read_shard(shard, read, label)
+        samples = read_shard(shard, read, label)
         if len(samples) != info.num_samples:
             listed = join_location(origin, MANIFEST_NAME) if origin is not None else directory / MANIFEST_NAME
             raise EvalSetError(f"{label or shard} holds {len(samples)} samples but {listed} lists "
@@ -300,7 +289,7 @@ def check_retrieval_set(directory: Location) -> RetrievalSetInfo:
     captions: list[list[str]] = []
     seen_images: set[int] = set()
     for sample in scan_shards(local, manifest, {"txt", "json"}, origin):
-        record = parse_sample(sample.where, {**sample.members, **sample.data}, error=EvalSetError)
+        record = parse_sample(sample.where, sample.members, error=EvalSetError)
         image, sample_captions, image_index = sample.image, record.captions, record.image_index
         if image_index in seen_images:
             raise EvalSetError(f"{sample.where}: image_index {image_index} appears in an earlier sample; a "
@@ -332,7 +321,7 @@ class ZeroShotSet:
         return len(self.images)
 
 
-def _read_lines(path: Path, label: Optional[Location] = None) -> list[str]:
+def read_lines(path: Path, label: Optional[Location] = None) -> list[str]:
     """Non-empty lines of a text file; an empty line between names is an error naming the line (and the file
     as ``label``, default its path)."""
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -347,29 +336,38 @@ def _read_lines(path: Path, label: Optional[Location] = None) -> list[str]:
     return [line.strip() for line in lines]
 
 
-def _format_template(template: str) -> Template:
+def format_template(template: str) -> Template:
     return lambda c: template.replace("{c}", c)
 
 
-def read_templates(directory: Path, origin: Optional[str] = None) -> list[Template]:
-    """``templates.txt`` as callables (the form open_clip's zero-shot builder takes), or the default."""
-    path = directory / TEMPLATES_NAME
+def read_templates(directory: Path, origin: Optional[str] = None, name: str = TEMPLATES_NAME,
+                   default: Sequence[Template] = open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES
+                   ) -> list[Template]:
+    """The file ``name`` (default ``templates.txt``) as callables (the form open_clip's zero-shot builder
+    takes), or ``default`` (open_clip's OpenAI ImageNet templates) where there is none."""
+    path = directory / name
     if not path.is_file():
-        return list(open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES)
-    label = None if origin is None else join_location(origin, TEMPLATES_NAME)
-    lines = _read_lines(path, label)
+        return list(default)
+    label = None if origin is None else join_location(origin, name)
+    lines = read_lines(path, label)
     path = label or path
     for number, line in enumerate(lines, start=1):
         if "{c}" not in line:
             raise EvalSetError(f"{path} line {number} has no {{c}} placeholder for the class name: {line!r}")
-    return [_format_template(line) for line in lines]
+    return [format_template(line) for line in lines]
 
 
 def _shard_images(directory: Path, manifest: Manifest, num_classes: int,
                   classnames_path: Location, origin: Optional[str] = None) -> tuple[list[ImageRef], list[int]]:
     """The image and the checked ``.cls`` label of every sample of a zero-shot set's shards."""
+    return labelled_images(scan_shards(directory, manifest, {"cls"}, origin), num_classes, classnames_path)
+
+
+def labelled_images(samples: Iterable[ShardSample], num_classes: int,
+                    classnames_path: Location) -> tuple[list[ImageRef], list[int]]:
+    """The image and the checked ``.cls`` label (``0 <= label < num_classes``) of every sample."""
     images, labels = [], []
-    for sample in scan_shards(directory, manifest, {"cls"}, origin):
+    for sample in samples:
         image = sample.image
         if image is None:
             raise EvalSetError(f"{sample.where} has no image (.{', .'.join(IMAGE_EXTENSIONS)})")
@@ -390,7 +388,7 @@ def _shard_images(directory: Path, manifest: Manifest, num_classes: int,
 def _imagefolder_classnames(directory: Path, folders: list[str]) -> list[str]:
     path = directory / CLASSNAMES_NAME
     if path.is_file():
-        classnames = _read_lines(path)
+        classnames = read_lines(path)
         if len(classnames) != len(folders):
             raise EvalSetError(f"{path} has {len(classnames)} class names but {directory} has {len(folders)} "
                                "class sub-folders")
@@ -414,7 +412,7 @@ def load_zeroshot_set(directory: str | Path) -> ZeroShotSet:
                                "in label order)")
         label = join_location(directory, CLASSNAMES_NAME)
         templates = read_templates(local, directory)
-        classnames = _read_lines(classnames_path, label)
+        classnames = read_lines(classnames_path, label)
         images, labels = _shard_images(local, manifest, len(classnames), label, directory)
         if not images:
             raise EvalSetError(f"zero-shot set {directory} holds no images")
@@ -425,7 +423,7 @@ def load_zeroshot_set(directory: str | Path) -> ZeroShotSet:
         if not classnames_path.is_file():
             raise EvalSetError(f"zero-shot set {directory} has no {CLASSNAMES_NAME} (one class name per line, "
                                "in label order)")
-        classnames = _read_lines(classnames_path)
+        classnames = read_lines(classnames_path)
         images, labels = _shard_images(directory, load_manifest(directory), len(classnames), classnames_path)
         layout = "shards"
     else:

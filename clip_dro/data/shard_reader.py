@@ -1,4 +1,4 @@
-"""The sample format of prep shards (SPEC 3.1), parsed in one place for training, evaluation, prep and the
+"""The sample format of prep shards (design.md §3.1), parsed in one place for training, evaluation, prep and the
 tests; reading shards as streams from any location (a path or a URL, see ``clip_dro.manifest``); and turning
 image bytes into RGB, transparency composited onto a background.
 
@@ -24,6 +24,10 @@ from clip_dro.manifest import IMAGE_EXTENSIONS, Location, LocationError, ShardIn
 
 WHITE = (255, 255, 255)
 _TAR_BLOCK = 512
+# What one tar member may hold, read into memory whole: a shard from someone else could claim a 10 GB caption.
+# Images get room for a 150-megapixel PNG; captions, metadata and labels are small text.
+MAX_IMAGE_MEMBER_BYTES = 512 << 20
+MAX_OTHER_MEMBER_BYTES = 16 << 20
 
 ErrorType = Callable[[str], Exception]
 
@@ -211,10 +215,20 @@ def _ended_cleanly(tar: tarfile.TarFile, tail: _Tail) -> bool:
     return getattr(stream, "pos", None) == tar.offset + _TAR_BLOCK and tail.block(tar.offset) == bytes(_TAR_BLOCK)
 
 
-def iter_tar(stream: IO[bytes], where: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+@dataclass(frozen=True)
+class TarMember:
+    """A member that ``iter_tar`` passed over: where its bytes lie in a plain (uncompressed) tar file."""
+
+    offset: int
+    size: int
+
+
+def iter_tar(stream: IO[bytes], where: str, read: Callable[[str], bool] = lambda ext: True
+             ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(key, {extension: bytes}) of the samples of a tar stream, members grouped as webdataset groups them.
-    A stream that cannot be read to a clean end raises DamagedTar naming ``where``; the sample being read
-    when the damage shows is not yielded."""
+    A member whose (lowercased) extension ``read`` refuses is passed over, its value a :class:`TarMember`
+    (so evaluation notes where each image is without holding it). A stream that cannot be read to a clean
+    end raises DamagedTar naming ``where``; the sample being read when the damage shows is not yielded."""
     tail = _Tail(stream)
     key: Optional[str] = None
     members: dict[str, bytes] = {}
@@ -228,7 +242,11 @@ def iter_tar(stream: IO[bytes], where: str) -> Iterator[tuple[str, dict[str, byt
             base, ext = base_plus_ext(name)
             if base is None:
                 continue
-            data = tar.extractfile(info).read()
+            limit = MAX_IMAGE_MEMBER_BYTES if ext.lower() in IMAGE_EXTENSIONS else MAX_OTHER_MEMBER_BYTES
+            if info.size > limit:
+                raise DamagedTar(f"{where}: member {name} holds {info.size} bytes, more than the {limit} one such "
+                                 "member may hold")
+            data = tar.extractfile(info).read() if read(ext.lower()) else TarMember(info.offset_data, info.size)
             if base != key:
                 if key is not None:
                     yield key, members

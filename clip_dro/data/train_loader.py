@@ -32,15 +32,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clip_dro.config import DataConfig
 from clip_dro.data import lanes as plan
-from clip_dro.data.shard_reader import (DECODE_ERRORS, WHITE, RawSample, ShardDataError, decode_rgb,
-                                       parse_background, raw_sample, shard_samples)
+from clip_dro.data.shard_reader import (DECODE_ERRORS, RawSample, ShardDataError, decode_rgb, parse_background,
+                                       raw_sample, shard_samples)
 from clip_dro.errors import UserError
 from clip_dro.manifest import Location, Manifest, as_location, join_location, load_manifest
-
-# Samples per lane that the shuffle buffer mixes (data.shuffle_buffer); each lane holds at most this many
-# undecoded samples.
-DEFAULT_SHUFFLE_BUFFER = 2000
 
 
 class LoaderError(UserError):
@@ -83,10 +80,6 @@ def check_layout(data_dir: str | Path, num_shards: int, batch_size: int, world_s
     every lane has a shard. Workers take any share of their process's lanes (see ``worker_lanes``), so their
     number constrains nothing.
     """
-    if batch_size < 1:
-        raise LoaderError(f"data.batch_size must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise LoaderError(f"data.workers must be >= 0, got {workers}")
     chosen = "data.lanes" if lanes is not None else "data.lanes (default: processes x max(data.workers, 1))"
     lanes = world_size * max(workers, 1) if lanes is None else lanes
     global_batch = batch_size * world_size
@@ -111,12 +104,17 @@ def check_layout(data_dir: str | Path, num_shards: int, batch_size: int, world_s
 
 
 class TrainLoader:
-    """Per-process training batches of ``data_dir`` (a prep directory or its URL; see the module docstring)."""
+    """Per-process training batches of ``data_dir`` (a prep directory or its URL; see the module docstring).
+
+    ``batch_size``, ``workers``, ``background`` and ``on_bad_sample`` are the ``data.*`` keys as the config
+    validated them; their defaults are the config's.
+    """
 
     def __init__(self, data_dir: Location, preprocess: Callable, tokenizer: Callable[[list[str]], torch.Tensor],
-                 batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, workers: int = 0,
-                 lanes: Optional[int] = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
-                 background: Any = WHITE, on_bad_sample: str = "stop"):
+                 batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
+                 workers: int = DataConfig.workers, lanes: Optional[int] = DataConfig.lanes,
+                 shuffle_buffer: int = DataConfig.shuffle_buffer, background: Any = DataConfig.background,
+                 on_bad_sample: str = DataConfig.on_bad_sample):
         self.data_dir = as_location(data_dir)
         self.manifest: Manifest = load_manifest(self.data_dir)
         self.preprocess = preprocess
@@ -131,13 +129,8 @@ class TrainLoader:
             raise LoaderError(f"rank {rank} is outside world size {world_size}")
         if shuffle_buffer < 0:
             raise LoaderError(f"data.shuffle_buffer must be >= 0 (0: no mixing), got {shuffle_buffer}")
-        try:
-            self.background = parse_background(background)
-        except ValueError as exc:
-            raise LoaderError(f"data.background: {exc}") from None
         self.shuffle_buffer = shuffle_buffer
-        if on_bad_sample not in ("stop", "skip"):
-            raise LoaderError(f"data.on_bad_sample must be stop or skip, got {on_bad_sample!r}")
+        self.background = parse_background(background)
         self.skip_bad = on_bad_sample == "skip"
         self.lanes = check_layout(self.data_dir, len(self.manifest.shards), batch_size, world_size, workers, lanes)
         # More workers than lanes would leave some idle: each worker reads whole lanes.

@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from clip_dro.evaluation.processes import EvaluationStopped, Processes
+from clip_dro.distributed import EvaluationStopped, Processes
 from clip_dro.evaluation.run import check_eval_options, evaluate_sets, prepare_eval_sets
 
 

@@ -1,4 +1,4 @@
-"""Image-text retrieval recall@k with CLIP_benchmark's definitions (SPEC 5), in bounded memory.
+"""Image-text retrieval recall@k with CLIP_benchmark's definitions (design.md §8.1), in bounded memory.
 
 * ``i2t_R@k``: an image query is a hit if **any** of its captions is among the k most similar captions.
 * ``t2i_R@k``: a caption query is a hit if its image is among the k most similar images.
@@ -25,18 +25,30 @@ def _ranks(queries: torch.Tensor, candidates: torch.Tensor, positives: torch.Ten
                       for start in range(0, len(queries), block_size)])
 
 
-def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
-                      ks: tuple[int, ...] = RECALL_KS, block_size: int = 512) -> dict[str, float]:
-    """Recall@k both ways from L2-normalized ``image_features`` [N, d], ``text_features`` [M, d] and
-    ``text_to_image`` [M] (the row of each caption's image in ``image_features``)."""
+def retrieval_ranks(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
+                    block_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best-positive rank of every image query (i2t) [N] and every caption query (t2i) [M], from
+    L2-normalized ``image_features`` [N, d], ``text_features`` [M, d] and ``text_to_image`` [M] (the row of
+    each caption's image in ``image_features``). A query is a hit at k when its rank is below k."""
     image_features = image_features.float()
     text_features = text_features.float().to(image_features.device)
     text_to_image = text_to_image.long().to(image_features.device)
     i2t = _ranks(image_features, text_features, group_positives(text_to_image, len(image_features)), block_size)
     t2i = _ranks(text_features, image_features, text_to_image[:, None], block_size)
+    return i2t, t2i
+
+
+def recall_metrics(i2t: torch.Tensor, t2i: torch.Tensor, ks: tuple[int, ...] = RECALL_KS) -> dict[str, float]:
+    """Recall@k both ways and ``r_mean`` from the ranks of :func:`retrieval_ranks`."""
     metrics = {}
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
         for k in ks:
             metrics[f"{name}_R@{k}"] = 100.0 * (ranks < k).sum().item() / len(ranks)
     metrics["r_mean"] = sum(metrics.values()) / len(metrics)
     return metrics
+
+
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
+                      ks: tuple[int, ...] = RECALL_KS, block_size: int = 512) -> dict[str, float]:
+    """Recall@k both ways from features as in :func:`retrieval_ranks`."""
+    return recall_metrics(*retrieval_ranks(image_features, text_features, text_to_image, block_size), ks)

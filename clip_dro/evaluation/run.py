@@ -1,42 +1,50 @@
-"""Evaluating a model on retrieval and zero-shot sets (SPEC 5): ``evaluate`` for the trainer, and
+"""Evaluating a model on retrieval and zero-shot sets (design.md §8): ``evaluate`` for the trainer, and
 ``evaluate_from_cli`` for ``clip-dro eval``. Every set is checked before anything is encoded.
 
 Each result is ``{"task": "retrieval" | "zeroshot_classification", "dataset": NAME, "metrics": {...},
-"skipped_images": N, "skipped_examples": [{"image": WHERE, "reason": WHY}, ...]}`` with NAME the set's
-directory name; metrics as in :mod:`.retrieval` and :mod:`.zeroshot` (percentages), computed without the N
-images that could not be decoded (``on_bad_image="skip"``, the default; the first ``SKIPPED_LISTED`` are
-named). With ``on_bad_image="error"`` such an image ends the evaluation with a one-line error naming it.
+"skipped_images": N, "skipped_examples": [{"image": WHERE, "reason": WHY}, ...]}`` (and ``"tail"``, the tail
+analysis, when ``clip-dro eval`` is given the training set) with NAME the set's name; metrics as in
+:mod:`.retrieval` and :mod:`.zeroshot` (percentages), computed without the N images that could not be decoded
+(``on_bad_image="skip"``, the default; the first ``SKIPPED_LISTED`` are named). With ``on_bad_image="error"`` such an image ends the evaluation with a one-line error naming it.
 Embeddings holding NaN or infinity end it too (:class:`NonFiniteEmbeddingError`): ranked, they would score
 100.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from datetime import timedelta
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
-from accelerate import PartialState
 from tqdm import tqdm
 
 from clip_dro.checkpoint import TEMPERATURES_DIR, TEMPERATURES_FILE
+from clip_dro.config import Config
+from clip_dro.data.benchmark_sets import open_retrieval_set, open_zeroshot_set
 from clip_dro.data.eval_sets import (BadImage, EvalSetError, ImageBatch, ImageRef, RetrievalSetInfo, ZeroShotSet,
-                                     check_retrieval_set, image_batches, load_zeroshot_set)
+                                     image_batches)
 from clip_dro.errors import UserError
-from clip_dro.evaluation.processes import EvaluationStopped, Processes
-from clip_dro.evaluation.checkpoint import (MODEL_NAME, load_checkpoint_config, load_checkpoint_model,
-                                            resolve_checkpoint)
-from clip_dro.evaluation.retrieval import retrieval_metrics
+from clip_dro.evaluation import tail
+from clip_dro.evaluation.any_model import load_any_model
+from clip_dro.evaluation.benchmark_format import collect_results, write_benchmark_results
+from clip_dro.checkpoint import MODEL_FILE as MODEL_NAME
+from clip_dro.checkpoint import load_checkpoint_config, load_checkpoint_model, resolve_checkpoint
+from clip_dro.distributed import EvaluationStopped, Processes, launched_processes
+from clip_dro.evaluation.retrieval import recall_metrics, retrieval_ranks
 from clip_dro.evaluation.temperatures import analyze_temperatures
-from clip_dro.evaluation.zeroshot import CLASSES_PER_BATCH, classification_metrics, zero_shot_classifier
-from clip_dro.manifest import is_url
+from clip_dro.evaluation.zeroshot import (CLASSES_PER_BATCH, classification_metrics, top1_predictions,
+                                          zero_shot_classifier)
+from clip_dro.manifest import is_url, load_manifest
+from clip_dro.models import ModelBundle
 
 RESULTS_NAME = "eval.json"
 ANALYSIS_DIR = "temperature_analysis"
+BENCHMARK_DIR = "clip_benchmark"  # CLIP_benchmark-shaped results, beside the results JSON
+TAIL_DIR = "tail"  # tail analysis plots, beside the results JSON
 ON_BAD_IMAGE = ("skip", "error")
 SKIPPED_LISTED = 10  # skipped images a result names; its count covers all
 
@@ -61,10 +69,48 @@ def check_eval_options(batch_size: int, workers: int, on_bad_image: str) -> None
                         f"got {on_bad_image!r}")
 
 
-def prepare_eval_sets(retrieval_dirs: Sequence[str | Path],
-                      zeroshot_dirs: Sequence[str | Path]) -> tuple[list[RetrievalSetInfo], list[ZeroShotSet]]:
-    """Check every set (cheap: no image is decoded) so that a bad one fails before any encoding."""
-    return [check_retrieval_set(d) for d in retrieval_dirs], [load_zeroshot_set(d) for d in zeroshot_dirs]
+@dataclass(frozen=True)
+class EvalOptions:
+    """What the evaluation of every set shares: the model with its tokenizer and eval transform, and how to
+    run it (images decoded ``batch_size`` at a time in ``workers`` DataLoader workers, undecodable ones
+    skipped or an error per ``on_bad_image``, each of ``processes`` encoding a slice, ``should_stop`` asked
+    between batches). Checked when made."""
+
+    model: torch.nn.Module
+    tokenizer: Callable
+    preprocess: Callable
+    batch_size: int
+    device: torch.device | str
+    workers: int = 0
+    on_bad_image: str = "skip"
+    processes: Processes = Processes()
+    should_stop: Callable[[], bool] = lambda: False
+
+    def __post_init__(self) -> None:
+        check_eval_options(self.batch_size, self.workers, self.on_bad_image)
+
+
+def _image_roots(retrieval: Sequence[str | Path], image_root: Sequence[str | Path]) -> dict[int, Optional[Path]]:
+    """The image root of each Karpathy JSON set (by position in ``retrieval``): one root for all, one per JSON
+    set in order, or none (each JSON's own directory)."""
+    positions = [i for i, s in enumerate(retrieval) if not is_url(s) and str(s).lower().endswith(".json")]
+    roots = [Path(r) for r in image_root]
+    if roots and not positions:
+        raise EvalError("--image-root is for Karpathy JSON retrieval sets (--retrieval FILE.json); none is given")
+    if len(roots) not in (0, 1, len(positions)):
+        raise EvalError(f"--image-root: {len(roots)} directories for {len(positions)} Karpathy JSON sets; give one "
+                        "for all of them or one per JSON set, in order")
+    return {i: roots[0] if len(roots) == 1 else roots[n] if roots else None for n, i in enumerate(positions)}
+
+
+def prepare_eval_sets(retrieval_dirs: Sequence[str | Path], zeroshot_dirs: Sequence[str | Path], *,
+                      image_root: Sequence[str | Path] = (), split: str = "test"
+                      ) -> tuple[list[RetrievalSetInfo], list[ZeroShotSet]]:
+    """Check every set (cheap: no image is decoded) so that a bad one fails before any encoding. Sets are in
+    any layout :mod:`clip_dro.data.benchmark_sets` reads; ``image_root`` and ``split`` as there."""
+    roots = _image_roots(retrieval_dirs, image_root)
+    return ([open_retrieval_set(d, roots.get(i), split) for i, d in enumerate(retrieval_dirs)],
+            [open_zeroshot_set(d, split) for d in zeroshot_dirs])
 
 
 def _progress(iterable: Any, total: int, desc: str) -> Any:
@@ -79,17 +125,16 @@ def _require_finite(features: torch.Tensor, side: str, directory: Path) -> None:
                                       "finite (NaN or inf); the model produces non-finite outputs")
 
 
-def _decoded_batches(images: Sequence[ImageRef], preprocess: Callable, batch_size: int, workers: int,
-                     on_bad_image: str, skipped: list[BadImage], desc: str,
-                     should_stop: Callable[[], bool]) -> Iterator[ImageBatch]:
+def _decoded_batches(images: Sequence[ImageRef], options: EvalOptions, skipped: list[BadImage],
+                     desc: str) -> Iterator[ImageBatch]:
     """The batches of :func:`image_batches` that hold images. An image that cannot be decoded is added to
     ``skipped`` or, with ``on_bad_image="error"``, ends the evaluation with a one-line error naming it.
     ``should_stop`` is asked between batches."""
-    loader = image_batches(images, preprocess, batch_size, workers)
+    loader = image_batches(images, options.preprocess, options.batch_size, options.workers)
     for batch in _progress(loader, len(loader), desc):
-        if should_stop():
+        if options.should_stop():
             raise EvaluationStopped()
-        if batch.bad and on_bad_image == "error":
+        if batch.bad and options.on_bad_image == "error":
             bad = batch.bad[0]
             raise EvalSetError(f"{bad.where}: cannot decode the image ({bad.reason}); on_bad_image='skip' "
                                "(clip-dro eval --on-bad-image skip) leaves such images out and counts them")
@@ -114,34 +159,43 @@ def _stack(features: list[torch.Tensor], device: torch.device | str) -> torch.Te
     return torch.cat(features) if features else torch.empty(0, device=device)
 
 
-def encode_retrieval_set(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, info: RetrievalSetInfo,
-                         batch_size: int, device: torch.device | str, workers: int = 0,
-                         on_bad_image: str = "skip", processes: Processes = Processes(),
-                         should_stop: Callable[[], bool] = lambda: False
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[BadImage]]:
-    """Normalized image features [N, d] (one row per decoded image), caption features [M, d], each caption's
-    image row [M], and the images that could not be decoded. Call under ``torch.no_grad`` with the model in
-    eval mode. With several ``processes`` each encodes its slice of the images (and their captions) and every
-    process gets the whole, in set order.
+@dataclass
+class EncodedRetrievalSet:
+    """A retrieval set's normalized image features [N, d] (one row per decoded image), caption features
+    [M, d], each caption's image row [M], the set positions of the decoded images [N], and the images that
+    could not be decoded."""
+
+    images: torch.Tensor
+    texts: torch.Tensor
+    text_to_image: torch.Tensor
+    kept: list[int]
+    skipped: list[BadImage]
+
+
+def encode_retrieval_set(info: RetrievalSetInfo, options: EvalOptions) -> EncodedRetrievalSet:
+    """Encode a retrieval set. Call under ``torch.no_grad`` with the model in eval mode. With several
+    ``processes`` each encodes its slice of the images (and their captions) and every process gets the
+    whole, in set order.
 
     An image that cannot be decoded leaves the set together with its captions, so that the set is scored as
     if that sample were not in it: no text->image query asks for an image that is not there, and no caption
     without its image competes in the image->text rankings."""
-    part = processes.part(len(info.images), batch_size)
+    model, processes, device = options.model, options.processes, options.device
+    part = processes.part(len(info.images), options.batch_size)
 
-    def encode_slice() -> tuple[torch.Tensor, torch.Tensor, list[int], list[BadImage]]:
-        image_features, text_features, text_to_image, skipped = [], [], [], []
-        for batch in _decoded_batches(info.images[part], preprocess, batch_size, workers, on_bad_image, skipped,
-                                      f"retrieval {info.name}", should_stop):
+    def encode_slice() -> tuple[torch.Tensor, torch.Tensor, list[int], list[int], list[BadImage]]:
+        image_features, text_features, text_to_image, kept, skipped = [], [], [], [], []
+        for batch in _decoded_batches(info.images[part], options, skipped, f"retrieval {info.name}"):
             first_row = sum(len(f) for f in image_features)
             image_features.append(model.encode_image(batch.images.to(device), normalize=True).float())
             captions = [info.captions[part.start + row] for row in batch.rows]
             flat = [caption for per_image in captions for caption in per_image]
-            text_features.append(model.encode_text(tokenizer(flat).to(device), normalize=True).float())
+            text_features.append(model.encode_text(options.tokenizer(flat).to(device), normalize=True).float())
             text_to_image += [first_row + row for row, per_image in enumerate(captions) for _ in per_image]
-        return _stack(image_features, device), _stack(text_features, device), text_to_image, skipped
+            kept += [part.start + row for row in batch.rows]
+        return _stack(image_features, device), _stack(text_features, device), text_to_image, kept, skipped
 
-    local_images, local_texts, local_rows, local_skipped = processes.run_agreed(encode_slice)
+    local_images, local_texts, local_rows, local_kept, local_skipped = processes.run_agreed(encode_slice)
     skipped = _gather_skipped(processes, local_skipped)
     _require_decodable(skipped, len(info.images), info.directory)
     images, image_counts = processes.gather(local_images)
@@ -149,36 +203,33 @@ def encode_retrieval_set(model: torch.nn.Module, tokenizer: Callable, preprocess
     # A caption's image row in the whole set: its row in the slice plus the images of the slices before.
     first_row = sum(image_counts[:processes.rank])
     text_to_image, _ = processes.gather(torch.tensor(local_rows, dtype=torch.long, device=device) + first_row)
+    kept = [position for part_kept in processes.gather_objects(local_kept) for position in part_kept]
     _require_finite(images, "image", info.directory)
     _require_finite(texts, "text", info.directory)
-    return images, texts, text_to_image, skipped
+    return EncodedRetrievalSet(images, texts, text_to_image, kept, skipped)
 
 
-def classify_zeroshot_set(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable, zs: ZeroShotSet,
-                          batch_size: int, device: torch.device | str, workers: int = 0,
-                          on_bad_image: str = "skip", processes: Processes = Processes(),
-                          should_stop: Callable[[], bool] = lambda: False
-                          ) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
+def classify_zeroshot_set(zs: ZeroShotSet, options: EvalOptions) -> tuple[torch.Tensor, torch.Tensor, list[BadImage]]:
     """Logits [N, C] (cosine similarity to each class embedding) and labels [N] of the decoded images of a
     zero-shot set, and the images that could not be decoded. With several ``processes`` each embeds its slice
     of the classes and classifies its slice of the images; every process gets the whole, in set order."""
+    model, processes, device = options.model, options.processes, options.device
     classes = processes.part(len(zs.classnames), CLASSES_PER_BATCH)
 
     def embed_classes() -> torch.Tensor:
-        if should_stop():
+        if options.should_stop():
             raise EvaluationStopped()
         if classes.start == classes.stop:
             return torch.empty(0, device=device)
-        return zero_shot_classifier(model, tokenizer, zs.classnames[classes], zs.templates, device).T
+        return zero_shot_classifier(model, options.tokenizer, zs.classnames[classes], zs.templates, device).T
 
     classifier, _ = processes.gather(processes.run_agreed(embed_classes))
     _require_finite(classifier, "class", zs.directory)
-    part = processes.part(len(zs.images), batch_size)
+    part = processes.part(len(zs.images), options.batch_size)
 
     def encode_slice() -> tuple[torch.Tensor, list[int], list[BadImage]]:
         features, labels, skipped = [], [], []
-        for batch in _decoded_batches(zs.images[part], preprocess, batch_size, workers, on_bad_image, skipped,
-                                      f"zero-shot {zs.name}", should_stop):
+        for batch in _decoded_batches(zs.images[part], options, skipped, f"zero-shot {zs.name}"):
             features.append(model.encode_image(batch.images.to(device), normalize=True).float())
             labels += [zs.labels[part.start + row] for row in batch.rows]
         return _stack(features, device), labels, skipped
@@ -197,52 +248,72 @@ def _result(task: str, name: str, metrics: dict[str, float], skipped: list[BadIm
             "skipped_examples": [{"image": bad.where, "reason": bad.reason} for bad in skipped[:SKIPPED_LISTED]]}
 
 
+@dataclass
+class SetOutcome:
+    """A set's result with the per-query outcomes behind it, for the tail analysis: per image of a zero-shot
+    set its label and top-1 class; per caption of a retrieval set its text (text order) and t2i hit at 1."""
+
+    result: dict[str, Any]
+    eval_set: RetrievalSetInfo | ZeroShotSet
+    labels: Optional[np.ndarray] = None
+    predictions: Optional[np.ndarray] = None
+    captions: Optional[list[str]] = None
+    caption_hit_at1: Optional[np.ndarray] = None
+
+
+def _retrieval_outcome(info: RetrievalSetInfo, options: EvalOptions) -> SetOutcome:
+    encoded = encode_retrieval_set(info, options)
+    i2t, t2i = retrieval_ranks(encoded.images, encoded.texts, encoded.text_to_image)
+    result = _result("retrieval", info.name, recall_metrics(i2t, t2i), encoded.skipped)
+    captions = [caption for position in encoded.kept for caption in info.captions[position]]
+    return SetOutcome(result, info, captions=captions, caption_hit_at1=(t2i < 1).cpu().numpy())
+
+
+def _zeroshot_outcome(zs: ZeroShotSet, options: EvalOptions) -> SetOutcome:
+    logits, labels, skipped = classify_zeroshot_set(zs, options)
+    result = _result("zeroshot_classification", zs.name, classification_metrics(logits, labels), skipped)
+    return SetOutcome(result, zs, labels=labels.numpy(), predictions=top1_predictions(logits).cpu().numpy())
+
+
+def evaluate_outcomes(options: EvalOptions, retrieval_sets: Sequence[RetrievalSetInfo],
+                      zeroshot_sets: Sequence[ZeroShotSet]) -> list[SetOutcome]:
+    """The outcome of every already checked set, retrieval sets first. The model is in eval mode meanwhile
+    and its mode is restored. With several ``options.processes`` (a collective: each must call it with the
+    same sets) every process encodes a slice of each set and gets the outcomes one process would; once
+    ``should_stop`` answers True on any process, all raise ``EvaluationStopped`` together."""
+    model = options.model
+    if not hasattr(model, "encode_image"):  # a DistributedDataParallel wrapper
+        options = replace(options, model=model.module)
+    was_training = options.model.training
+    options.model.eval()
+    try:
+        with torch.no_grad():
+            return ([_retrieval_outcome(info, options) for info in retrieval_sets]
+                    + [_zeroshot_outcome(zs, options) for zs in zeroshot_sets])
+    finally:
+        options.model.train(was_training)
+
+
 def evaluate_sets(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable,
                   retrieval_sets: Sequence[RetrievalSetInfo], zeroshot_sets: Sequence[ZeroShotSet],
                   batch_size: int, device: torch.device | str, *, workers: int = 0,
                   on_bad_image: str = "skip", processes: Processes = Processes(),
                   should_stop: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
-    """Results for already checked sets, images decoded in ``workers`` DataLoader workers (0: in this
-    process) and undecodable ones skipped and counted, or an error (``on_bad_image``: "skip" or "error"). The
-    model is in eval mode meanwhile and its mode is restored.
-
-    With several ``processes`` (a collective: each must call it with the same sets) every process encodes a
-    slice of each set and returns the results one process would. ``should_stop`` is asked between batches;
-    once it answers True on any process, all raise ``EvaluationStopped`` together."""
-    check_eval_options(batch_size, workers, on_bad_image)
-    if not hasattr(model, "encode_image"):  # a DistributedDataParallel wrapper
-        model = model.module
-    was_training = model.training
-    model.eval()
-    shared = dict(workers=workers, on_bad_image=on_bad_image, processes=processes, should_stop=should_stop)
-    results = []
-    try:
-        with torch.no_grad():
-            for info in retrieval_sets:
-                images, texts, text_to_image, skipped = encode_retrieval_set(
-                    model, tokenizer, preprocess, info, batch_size, device, **shared)
-                results.append(_result("retrieval", info.name, retrieval_metrics(images, texts, text_to_image),
-                                       skipped))
-            for zs in zeroshot_sets:
-                logits, labels, skipped = classify_zeroshot_set(model, tokenizer, preprocess, zs, batch_size, device,
-                                                                **shared)
-                results.append(_result("zeroshot_classification", zs.name, classification_metrics(logits, labels),
-                                       skipped))
-    finally:
-        model.train(was_training)
-    return results
+    """The results of :func:`evaluate_outcomes` for :class:`EvalOptions` made of these arguments."""
+    options = EvalOptions(model, tokenizer, preprocess, batch_size, device, workers, on_bad_image, processes,
+                          should_stop)
+    return [outcome.result for outcome in evaluate_outcomes(options, retrieval_sets, zeroshot_sets)]
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Callable, preprocess: Callable,
              retrieval_dirs: Sequence[str | Path], zeroshot_dirs: Sequence[str | Path], batch_size: int,
              device: torch.device | str, *, workers: int = 0, on_bad_image: str = "skip") -> list[dict[str, Any]]:
     """Retrieval and zero-shot results of ``model`` (open_clip-style ``encode_image``/``encode_text``) on the
-    given set directories, in that order. Checks the options and every set first; leaves the model's
-    train/eval mode as found. ``workers`` and ``on_bad_image`` as in :func:`evaluate_sets`."""
-    check_eval_options(batch_size, workers, on_bad_image)
+    given sets, in that order. Checks the options and every set first; leaves the model's train/eval mode
+    as found. ``workers`` and ``on_bad_image`` as in :class:`EvalOptions`."""
+    options = EvalOptions(model, tokenizer, preprocess, batch_size, device, workers, on_bad_image)
     retrieval_sets, zeroshot_sets = prepare_eval_sets(retrieval_dirs, zeroshot_dirs)
-    return evaluate_sets(model, tokenizer, preprocess, retrieval_sets, zeroshot_sets, batch_size, device,
-                         workers=workers, on_bad_image=on_bad_image)
+    return [outcome.result for outcome in evaluate_outcomes(options, retrieval_sets, zeroshot_sets)]
 
 
 def results_table(results: Sequence[dict[str, Any]]) -> str:
@@ -289,54 +360,135 @@ def _export(source: Path, export: Path) -> Path:
     return target
 
 
-def evaluate_from_cli(checkpoint: str | Path, retrieval: Sequence[str | Path], zeroshot: Sequence[str | Path],
-                      output: Optional[str | Path], batch_size: int, export: Optional[str | Path],
-                      workers: int = 0, on_bad_image: str = "skip") -> dict[str, Any]:
-    """``clip-dro eval``: evaluate a run directory's final (or latest) checkpoint or a checkpoint directory on
-    the given sets (when none is given: the config's ``eval.retrieval`` and ``eval.zeroshot``), write
-    ``{"checkpoint": ..., "results": [...]}`` to ``output`` (default ``<checkpoint>/eval.json``), print a
-    table, analyse the temperatures when the checkpoint has them, and copy the open_clip state dict to
-    ``export`` when given. ``workers`` and ``on_bad_image`` as in :func:`evaluate_sets`. Under ``accelerate
-    launch`` or ``torchrun`` every process encodes a slice of each set and the main process writes and prints.
-    Returns the JSON document."""
+@dataclass(frozen=True)
+class ModelUnderTest:
+    """What ``clip-dro eval`` evaluates: a checkpoint of ours (``checkpoint``, its directory) or an
+    architecture ``model`` with the weights file ``pretrained`` (and ``text_tower``)."""
+
+    model: str
+    pretrained: Optional[str]
+    checkpoint: Optional[Path] = None
+    text_tower: Optional[str] = None
+    config: Optional[Config] = None
+
+    @classmethod
+    def from_options(cls, checkpoint: Optional[str | Path], model: Optional[str], pretrained: Optional[str | Path],
+                     text_tower: Optional[str]) -> "ModelUnderTest":
+        if (checkpoint is None) == (model is None):
+            raise EvalError("name what to evaluate: --checkpoint DIR (a run of ours) or --model NAME "
+                            "[--pretrained FILE], one of them")
+        if checkpoint is None:
+            return cls(model, None if pretrained is None else str(pretrained), text_tower=text_tower)
+        if pretrained is not None or text_tower is not None:
+            raise EvalError("--pretrained and --text-tower go with --model; a --checkpoint brings its own weights")
+        ckpt_dir = resolve_checkpoint(checkpoint)
+        cfg = load_checkpoint_config(ckpt_dir)
+        return cls(cfg.model.name, str(ckpt_dir / MODEL_NAME), ckpt_dir, cfg.model.text_tower, cfg)
+
+    def load(self) -> ModelBundle:
+        if self.checkpoint is not None:
+            return load_checkpoint_model(self.checkpoint)[0]
+        return load_any_model(self.model, self.pretrained, self.text_tower)
+
+
+def _check_train_data(train_data: Optional[str | Path]) -> None:
+    """The training set of the tail analysis must be a prep directory (or its URL): checked before encoding."""
+    if train_data is not None:
+        try:
+            load_manifest(train_data)
+        except UserError as exc:
+            raise EvalError(f"--train-data {train_data}: {exc}") from None
+
+
+def _tail_report(outcome: SetOutcome, train_data: str | Path, plot_dir: Path) -> dict[str, Any]:
+    """The tail analysis of one set against the training captions (see :mod:`clip_dro.evaluation.tail`)."""
+    if outcome.labels is not None:
+        zs = outcome.eval_set
+        report = tail.zeroshot_tail(outcome.labels, outcome.predictions, tail.class_frequencies(
+            train_data, zs.classnames), zs.classnames)
+        report["plot"] = str(tail.plot_zeroshot_tail(report, plot_dir / f"{zs.name}_tail.png"))
+        return report
+    return tail.retrieval_tail(outcome.captions, outcome.caption_hit_at1, tail.caption_word_frequencies(train_data))
+
+
+def evaluate_from_cli(checkpoint: Optional[str | Path] = None, retrieval: Sequence[str | Path] = (),
+                      zeroshot: Sequence[str | Path] = (), output: Optional[str | Path] = None,
+                      batch_size: int = 256, export: Optional[str | Path] = None, workers: int = 0,
+                      on_bad_image: str = "skip", *, model: Optional[str] = None,
+                      pretrained: Optional[str | Path] = None, text_tower: Optional[str] = None,
+                      image_root: Sequence[str | Path] = (), split: str = "test",
+                      benchmark_dir: Optional[str | Path] = None,
+                      train_data: Optional[str | Path] = None) -> dict[str, Any]:
+    """``clip-dro eval``: evaluate a run directory's final (or latest) checkpoint or a checkpoint directory, or
+    architecture ``model`` with the weights file ``pretrained``, on the given sets (a checkpoint without sets:
+    its config's ``eval.retrieval`` and ``eval.zeroshot``; ``image_root`` and ``split`` as in
+    :func:`prepare_eval_sets`). Writes ``{"checkpoint", "model", "pretrained", "results": [...]}`` to ``output``
+    (default ``<checkpoint>/eval.json``, or ``eval.json`` here for ``model``), one CLIP_benchmark JSON per
+    result and the CSV of all of them in ``benchmark_dir`` (default ``clip_benchmark/`` beside ``output``),
+    prints a table, with ``train_data`` adds each result's ``tail`` analysis, analyses the temperatures when
+    the checkpoint has them, and copies the checkpoint's open_clip state dict to ``export`` when given.
+    ``workers`` and ``on_bad_image`` as in :class:`EvalOptions`. Under ``accelerate launch`` or ``torchrun``
+    every process encodes a slice of each set and the main process writes and prints. Returns the document."""
     check_eval_options(batch_size, workers, on_bad_image)
-    ckpt_dir = resolve_checkpoint(checkpoint)
-    cfg = load_checkpoint_config(ckpt_dir)
+    source = ModelUnderTest.from_options(checkpoint, model, pretrained, text_tower)
     retrieval, zeroshot = list(retrieval), list(zeroshot)
-    if not retrieval and not zeroshot:
-        retrieval, zeroshot = list(cfg.eval.retrieval), list(cfg.eval.zeroshot)
+    if source.config is not None and not retrieval and not zeroshot:
+        retrieval, zeroshot = list(source.config.eval.retrieval), list(source.config.eval.zeroshot)
+    if export is not None and source.checkpoint is None:
+        raise EvalError("--export copies a checkpoint's open_clip state dict; with --model the weights file "
+                        "already is one")
     if not retrieval and not zeroshot and export is None:
-        raise EvalError(f"nothing to evaluate: pass --retrieval/--zeroshot, or set eval.retrieval/eval.zeroshot "
-                        f"in {ckpt_dir / 'config.yaml'}")
-    retrieval_sets, zeroshot_sets = prepare_eval_sets(retrieval, zeroshot)
-    processes, device = _launched_processes(cfg.train.collective_timeout_s)
+        config = (f", or set eval.retrieval/eval.zeroshot in {source.checkpoint / 'config.yaml'}"
+                  if source.checkpoint is not None else "")
+        raise EvalError(f"nothing to evaluate: pass --retrieval/--zeroshot{config}")
+    retrieval_sets, zeroshot_sets = prepare_eval_sets(retrieval, zeroshot, image_root=image_root, split=split)
+    _check_train_data(train_data)
+    timeout = (source.config or Config()).train.collective_timeout_s
+    processes, device = launched_processes(timeout)
     main = processes.rank == 0
 
-    bundle, _ = load_checkpoint_model(ckpt_dir)
-    document: dict[str, Any] = {"checkpoint": str(ckpt_dir), "results": []}
+    bundle = source.load()
+    document: dict[str, Any] = {"checkpoint": None if source.checkpoint is None else str(source.checkpoint),
+                                "model": source.model, "pretrained": source.pretrained, "results": []}
     if retrieval_sets or zeroshot_sets:
-        model = bundle.model.to(device)
-        document["results"] = evaluate_sets(model, bundle.tokenizer, bundle.preprocess_eval, retrieval_sets,
-                                            zeroshot_sets, batch_size, device, workers=workers,
-                                            on_bad_image=on_bad_image, processes=processes)
+        options = EvalOptions(bundle.model.to(device), bundle.tokenizer, bundle.preprocess_eval, batch_size, device,
+                              workers, on_bad_image, processes)
+        outcomes = evaluate_outcomes(options, retrieval_sets, zeroshot_sets)
+        document["results"] = [outcome.result for outcome in outcomes]
         if main:
-            output = Path(output) if output is not None else ckpt_dir / RESULTS_NAME
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(document, indent=2) + "\n")
-            print(results_table(document["results"]))
-            print(f"results: {output}")
-    if main:
-        _run_temperature_analysis(ckpt_dir, cfg.data.train)
+            default = source.checkpoint / RESULTS_NAME if source.checkpoint is not None else Path(RESULTS_NAME)
+            output = Path(output) if output is not None else default
+            if train_data is not None:
+                for outcome in outcomes:
+                    outcome.result["tail"] = _tail_report(outcome, train_data, output.parent / TAIL_DIR)
+            _write_results(document, output, Path(benchmark_dir) if benchmark_dir else output.parent / BENCHMARK_DIR)
+    if main and source.checkpoint is not None:
+        _run_temperature_analysis(source.checkpoint, source.config.data.train)
         if export is not None:
-            print(f"exported open_clip state dict: {_export(ckpt_dir / MODEL_NAME, Path(export))}")
+            print(f"exported open_clip state dict: {_export(source.checkpoint / MODEL_NAME, Path(export))}")
     return document
 
 
-def _launched_processes(collective_timeout_s: int) -> tuple[Processes, torch.device]:
-    """Under ``accelerate launch`` / ``torchrun`` (WORLD_SIZE > 1) every process joins the evaluation, with
-    the checkpoint's ``train.collective_timeout_s``; otherwise this one process evaluates alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # cpu=True without CUDA: otherwise the ranks of a CPU launch are not synchronized (ENVIRONMENT.md).
-        state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=collective_timeout_s))
-        return Processes.current(), state.device
-    return Processes(), torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _write_results(document: dict[str, Any], output: Path, benchmark_dir: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(document, indent=2) + "\n")
+    write_benchmark_results(document, benchmark_dir)
+    table, passed_over = collect_results(benchmark_dir)
+    print(results_table(document["results"]))
+    for result in document["results"]:
+        if "tail" in result:
+            print(tail_line(result))
+    print(f"results: {output}")
+    print(f"in CLIP_benchmark's shape: {benchmark_dir} (with every such file there collected in {table.name})")
+    for path in passed_over:
+        print(f"note: {path} is not a CLIP_benchmark result; left out of {table.name}")
+
+
+def tail_line(result: dict[str, Any]) -> str:
+    """One line of a result's tail analysis: the terciles' accuracy and the Spearman correlation."""
+    report = result["tail"]
+    terciles = ", ".join(f"{name} {report['terciles'][name]['accuracy']:.1f}" if report["terciles"][name]["accuracy"]
+                         is not None else f"{name} -" for name in tail.BUCKETS)
+    spearman = "n/a" if report.get("spearman") is None else f"{report['spearman']:.3f}"
+    return f"tail {result['dataset']} ({report['metric']} by training frequency): {terciles}; Spearman {spearman}"
+

@@ -1,11 +1,11 @@
-"""Analysis of learned per-sample temperatures (SPEC 5): their distribution, and their relation to concept
+"""Analysis of learned per-sample temperatures (design.md §8.4): their distribution, and their relation to concept
 frequency where the training data records it (the paper's claim: frequent semantics get larger τ).
 
-Inputs: a checkpoint's temperatures: its per-shard ``temperatures/shard-R-of-W.npz`` (arrays ``image_index``,
-``image_tau``, ``text_index``, ``text_tau``), or a ``temperatures.csv`` (columns ``side,index,tau``; side
-``image`` or ``text``, index the global image or text index); and optionally the training prep directory,
-whose samples' ``.json`` record ``concept`` and ``concept_frequency`` (the synthetic set does). Only the
-``.json`` members are read.
+Inputs: a checkpoint's temperatures, read by ``clip_dro.checkpoint.read_temperatures``: its per-shard
+``temperatures/shard-R-of-W.npz`` (arrays ``image_index``, ``image_tau``, ``text_index``, ``text_tau``), or a
+``temperatures.csv`` (columns ``side,index,tau``; side ``image`` or ``text``, index the global image or text
+index); and optionally the training prep directory, whose samples' ``.json`` record ``concept`` and
+``concept_frequency`` (the synthetic set does). Only the ``.json`` members are read.
 
 Outputs in ``output_dir``: ``tau_histogram.png``; with concepts also ``tau_vs_frequency.png`` (every sample
 and the per-concept mean τ against frequency) and ``per_concept.csv`` (per concept: frequency, counts and
@@ -15,89 +15,20 @@ correlation of pandas average ranks, computed per sample and over the per-concep
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from clip_dro.checkpoint import SIDES, TemperatureError, read_temperatures
 from clip_dro.data.eval_sets import iter_sample_json, require_dir
-from clip_dro.checkpoint import TEMPERATURES_DIR, TEMPERATURES_FILE, shard_files
-from clip_dro.errors import UserError, first_line
 
-SIDES = ("image", "text")
-COLUMNS = ("side", "index", "tau")
 _MAX_SCATTER_POINTS = 20000
 # Means of equal temperatures can differ in their last bits (0.05 x 3 / 3 != 0.05); unrounded, they would rank
 # as different values.
 _MEAN_DECIMALS = 12
-
-
-class TemperatureError(UserError):
-    """A temperatures file or training set that cannot be analysed; the message names the file or row."""
-
-
-def read_temperatures(path: str | Path) -> pd.DataFrame:
-    """A frame with columns side, index (int) and tau (float), checked: ``path`` is a checkpoint directory (its
-    ``temperatures/`` shards, else its ``temperatures.csv``), a directory of ``.npz`` shards, or a CSV file."""
-    path = Path(path)
-    if path.is_dir() and (path / TEMPERATURES_DIR).is_dir():
-        path = path / TEMPERATURES_DIR
-    elif path.is_dir() and (path / TEMPERATURES_FILE).is_file():
-        path = path / TEMPERATURES_FILE
-    if path.is_dir():
-        try:
-            shards = shard_files(path, "npz")
-        except UserError as exc:
-            raise TemperatureError(str(exc)) from None
-        return pd.concat([_read_shard(shard) for shard in shards], ignore_index=True)
-    if not path.is_file():
-        raise TemperatureError(f"temperatures file {path} does not exist")
-    return _read_csv(path)
-
-
-def _read_shard(path: Path) -> pd.DataFrame:
-    try:
-        arrays = np.load(path)
-        frames = [pd.DataFrame({"side": side, "index": arrays[f"{side}_index"], "tau": arrays[f"{side}_tau"]})
-                  for side in SIDES]
-    except (OSError, ValueError, KeyError) as exc:
-        raise TemperatureError(f"{path}: not a temperatures shard ({first_line(exc)})") from None
-    frame = pd.concat(frames, ignore_index=True)
-    _check_rows(frame, lambda row: f"{path} {frame['side'][row]} entry {row}")
-    return frame.astype({"index": "int64", "tau": "float64"})
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    frame = pd.read_csv(path)
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise TemperatureError(f"{path}: missing column {missing[0]!r} (expected columns {','.join(COLUMNS)})")
-    # Data row r is line r + 2 of the file (line 1 is the header).
-    bad_side = ~frame["side"].isin(SIDES)
-    if bad_side.any():
-        row = int(bad_side.idxmax())
-        raise TemperatureError(f"{path} line {row + 2}: side {frame['side'][row]!r} is not 'image' or 'text'")
-    _check_rows(frame, lambda row: f"{path} line {row + 2}")
-    return pd.DataFrame({"side": frame["side"], "index": pd.to_numeric(frame["index"]).astype("int64"),
-                         "tau": pd.to_numeric(frame["tau"]).astype("float64")})
-
-
-def _check_rows(frame: pd.DataFrame, where: Callable[[int], str]) -> None:
-    """Indices non-negative integers, temperatures positive and finite; the first bad row is named with its
-    value as written."""
-    index, tau = pd.to_numeric(frame["index"], errors="coerce"), pd.to_numeric(frame["tau"], errors="coerce")
-    bad_index = index.isna() | (index < 0) | (index % 1 != 0)
-    if bad_index.any():
-        row = int(bad_index.idxmax())
-        raise TemperatureError(f"{where(row)}: index {frame['index'][row]!r} is not a non-negative integer")
-    bad_tau = ~((tau > 0) & (tau < math.inf))
-    if bad_tau.any():
-        row = int(bad_tau.idxmax())
-        raise TemperatureError(f"{where(row)}: tau {frame['tau'][row]!r} is not a positive finite number")
 
 
 def read_concepts(train_dir: str | Path) -> Optional[dict[str, pd.DataFrame]]:

@@ -1,4 +1,4 @@
-"""Zero-shot classification with CLIP_benchmark's definitions (SPEC 5).
+"""Zero-shot classification with CLIP_benchmark's definitions (design.md §8.2).
 
 A class embedding is the normalized mean of the normalized embeddings of its prompts (every template filled
 with the class name): open_clip's ``build_zero_shot_classifier`` computes exactly that. An image's logits are
@@ -45,3 +45,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
         metrics["acc5"] = 100.0 * (rank < 5).sum().item() / len(rank)
     metrics["mean_per_class_recall"] = 100.0 * per_class.mean().item()
     return metrics
+
+
+def top1_predictions(logits: torch.Tensor) -> torch.Tensor:
+    """Each image's top-1 class under the ranking rule (ties to the lower index: ``argmax`` returns the first
+    maximum), the class ``acc1`` counts."""
+    return logits.argmax(dim=1)

@@ -1,4 +1,4 @@
-"""Contrastive losses with per-sample state: CLIP, SogCLR, iSogCLR and RGCL-g (SPEC section 4).
+"""Contrastive losses with per-sample state: CLIP, SogCLR, iSogCLR and RGCL-g (design.md §4).
 
     from clip_dro.losses import ISogCLRLoss
     loss_fn = ISogCLRLoss(num_images, num_texts, rho=6.0, tau_init=0.01)

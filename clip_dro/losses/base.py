@@ -1,7 +1,6 @@
 """What every loss shares: hyperparameters, step/epoch counters, input checks and the global batch."""
 from __future__ import annotations
 
-import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -10,13 +9,13 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from clip_dro.config import STATE_DEVICES, LossConfig, check_loss_hyperparameters
+from clip_dro.distributed import gather_batch, process_group
 from clip_dro.errors import UserError
-from clip_dro.losses.distributed import gather_batch, process_group
-from clip_dro.losses.schedules import GAMMA_SCHEDULES, check_rho, gamma_at
+from clip_dro.losses.schedules import check_rho, gamma_at
 from clip_dro.losses.state import LossStateSizeError, SideState, StateShard, check_indices, reshard
 
 STATE_LAYOUTS = ("sharded", "replicated")
-STATE_DEVICES = ("accelerator", "cpu")
 
 
 @dataclass
@@ -47,29 +46,6 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
         raise UserError(f"loss.{key}: {value!r} {why}")
 
 
-def check_hyperparameters(*, gamma: float, rho: float, tau_init: float, tau_min: float, tau_max: float,
-                          tau_lr: float, tau_momentum: float, tau_grad_clip: float, gamma_schedule: str,
-                          gamma_decay_epochs: float, tau_warmup_steps: int) -> None:
-    """The one place where the ``loss.*`` values are checked: the config calls it at start-up, the losses
-    when they are built from a training loop of someone else's."""
-    for key, value in (("gamma", gamma), ("rho", rho), ("tau_init", tau_init), ("tau_min", tau_min),
-                       ("tau_max", tau_max), ("tau_lr", tau_lr), ("tau_momentum", tau_momentum),
-                       ("tau_grad_clip", tau_grad_clip), ("gamma_decay_epochs", gamma_decay_epochs)):
-        _require(isinstance(value, (int, float)) and math.isfinite(value), key, value, "must be a finite number")
-    _require(0 < gamma <= 1, "gamma", gamma, "must be in (0, 1]")
-    _require(tau_min > 0, "tau_min", tau_min, "must be > 0")
-    _require(tau_max >= tau_min, "tau_max", tau_max, f"must be >= loss.tau_min ({tau_min})")
-    _require(tau_min <= tau_init <= tau_max, "tau_init", tau_init,
-             f"must lie in [loss.tau_min, loss.tau_max] = [{tau_min}, {tau_max}]")
-    _require(tau_lr >= 0, "tau_lr", tau_lr, "must be >= 0")
-    _require(0 <= tau_momentum <= 1, "tau_momentum", tau_momentum, "must be in [0, 1]")
-    _require(tau_grad_clip > 0, "tau_grad_clip", tau_grad_clip, "must be > 0")
-    _require(gamma_schedule in GAMMA_SCHEDULES, "gamma_schedule", gamma_schedule,
-             f"must be one of {', '.join(GAMMA_SCHEDULES)}")
-    _require(gamma_decay_epochs > 0, "gamma_decay_epochs", gamma_decay_epochs, "must be > 0")
-    _require(int(tau_warmup_steps) >= 0, "tau_warmup_steps", tau_warmup_steps, "must be >= 0")
-
-
 class ContrastiveLoss(nn.Module, ABC):
     """Base of CLIPLoss, SogCLRLoss, ISogCLRLoss and RGCLgLoss (see their docstrings).
 
@@ -88,16 +64,21 @@ class ContrastiveLoss(nn.Module, ABC):
 
     learns_tau_by_rho = False  # whether ρ drives a temperature (then ρ is checked against the batch)
 
-    def __init__(self, num_images: int, num_texts: int, *, gamma: float = 0.8, rho: float = 6.0,
-                 tau_init: float = 0.01, tau_min: float = 0.005, tau_max: float = 1.0, tau_lr: float = 0.03,
-                 tau_momentum: float = 0.9, tau_grad_clip: float = 5.0, gamma_schedule: str = "constant",
-                 gamma_decay_epochs: float = 1, tau_warmup_steps: int = 0, state_layout: str = "sharded",
-                 state_device: str = "accelerator") -> None:
+    def __init__(self, num_images: int, num_texts: int, *, gamma: float = LossConfig.gamma,
+                 rho: float = LossConfig.rho, tau_init: float = LossConfig.tau_init,
+                 tau_min: float = LossConfig.tau_min, tau_max: float = LossConfig.tau_max,
+                 tau_lr: float = LossConfig.tau_lr, tau_momentum: float = LossConfig.tau_momentum,
+                 tau_grad_clip: float = LossConfig.tau_grad_clip, gamma_schedule: str = LossConfig.gamma_schedule,
+                 gamma_decay_epochs: float = LossConfig.gamma_decay_epochs,
+                 tau_warmup_steps: int = LossConfig.tau_warmup_steps, state_layout: str = STATE_LAYOUTS[0],
+                 state_device: str = LossConfig.state_device) -> None:
         super().__init__()
         _require(int(num_images) >= 1, "num_images", num_images, "must be >= 1")
         _require(int(num_texts) >= 1, "num_texts", num_texts, "must be >= 1")
-        _require(state_layout in STATE_LAYOUTS, "state_layout", state_layout, f"must be one of {', '.join(STATE_LAYOUTS)}")
-        _require(state_device in STATE_DEVICES, "state_device", state_device, f"must be one of {', '.join(STATE_DEVICES)}")
+        _require(state_layout in STATE_LAYOUTS, "state_layout", state_layout,
+                 f"must be one of {', '.join(STATE_LAYOUTS)}")
+        _require(state_device in STATE_DEVICES, "state_device", state_device,
+                 f"must be one of {', '.join(STATE_DEVICES)}")
         rank, world_size = process_group()
         # The processes that share the per-sample state are fixed here: the state is built for them.
         self.world_size = world_size
@@ -105,10 +86,10 @@ class ContrastiveLoss(nn.Module, ABC):
         self.state_on_cpu = state_device == "cpu"
         _require(min(int(num_images), int(num_texts)) >= self.shard.world, "num_images", (num_images, num_texts),
                  f"and num_texts must be at least the number of processes sharing the state ({self.shard.world})")
-        check_hyperparameters(gamma=gamma, rho=rho, tau_init=tau_init, tau_min=tau_min, tau_max=tau_max,
-                              tau_lr=tau_lr, tau_momentum=tau_momentum, tau_grad_clip=tau_grad_clip,
-                              gamma_schedule=gamma_schedule, gamma_decay_epochs=gamma_decay_epochs,
-                              tau_warmup_steps=tau_warmup_steps)
+        check_loss_hyperparameters(gamma=gamma, rho=rho, tau_init=tau_init, tau_min=tau_min, tau_max=tau_max,
+                                   tau_lr=tau_lr, tau_momentum=tau_momentum, tau_grad_clip=tau_grad_clip,
+                                   gamma_schedule=gamma_schedule, gamma_decay_epochs=gamma_decay_epochs,
+                                   tau_warmup_steps=tau_warmup_steps)
         self.num_images, self.num_texts = int(num_images), int(num_texts)
         self.gamma, self.rho = float(gamma), float(rho)
         self.tau_init, self.tau_min, self.tau_max = float(tau_init), float(tau_min), float(tau_max)
@@ -139,7 +120,7 @@ class ContrastiveLoss(nn.Module, ABC):
     def steps_done(self) -> int:
         return self._step
 
-    def _tau_held(self) -> bool:
+    def tau_held(self) -> bool:
         """Whether this step is inside the temperature warm-up (the first ``tau_warmup_steps`` forward calls)."""
         return self._step < self.tau_warmup_steps
 
@@ -158,7 +139,7 @@ class ContrastiveLoss(nn.Module, ABC):
         return out
 
     def bytes_per_sample(self) -> dict[str, int]:
-        """Bytes of per-sample state per image and per caption (SPEC: at most 24)."""
+        """Bytes of per-sample state per image and per caption (design.md §5.2: at most 24)."""
         return {"image": 0, "text": 0}
 
     def owned_temperatures(self) -> Optional[dict[str, tuple[Tensor, Tensor]]]:

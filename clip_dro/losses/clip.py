@@ -1,4 +1,4 @@
-"""CLIP's symmetric cross-entropy with a learnable global temperature (SPEC 4.3)."""
+"""CLIP's symmetric cross-entropy with a learnable global temperature (design.md §4.3)."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from clip_dro.distributed import gather_rows
 from clip_dro.losses.base import ContrastiveLoss, GlobalBatch, expanded
-from clip_dro.losses.distributed import gather_rows
 from clip_dro.losses.gradient import with_closed_form_gradient
 
 MAX_LOGIT_SCALE = 100.0

@@ -1,4 +1,4 @@
-"""iSogCLR (SPEC 4.1) and its relatives SogCLR (one fixed τ, SPEC 4.2) and RGCL-g (one learned global τ)."""
+"""iSogCLR and its relatives SogCLR (one fixed τ) and RGCL-g (one learned global τ): design.md §4.1, §4.2."""
 from __future__ import annotations
 
 import math
@@ -7,10 +7,12 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from clip_dro.losses.base import ContrastiveLoss, GlobalBatch, expanded
-from clip_dro.losses.distributed import gather_rows
+from clip_dro.distributed import gather_rows
+from clip_dro.losses.base import ContrastiveLoss, GlobalBatch
 from clip_dro.losses.gradient import with_closed_form_gradient
-from clip_dro.losses.state import BatchState, SideState, duplicate_groups, fetch_batch_state, next_log_s, next_tau
+from clip_dro.losses.state import SideState, fetch_batch_state
+from clip_dro.losses.updates import (FixedTau, GlobalTau, IndividualTau, TauPolicy, TauStep, duplicate_groups,
+                                     next_log_s)
 
 
 class AnchorSums(NamedTuple):
@@ -85,52 +87,37 @@ def _coefficients(img: AnchorSums, txt: AnchorSums, sim_rows: Tensor, sim_cols: 
     return rows, columns_t.T
 
 
-class _RobustLoss(ContrastiveLoss):
-    """The two-sided robust contrastive loss (SPEC 4.1); subclasses choose how τ is kept."""
+class RobustLoss(ContrastiveLoss):
+    """The two-sided robust contrastive loss (design.md §4.1); each subclass chooses how τ is kept
+    (``temperatures``)."""
 
-    tau_mode = "individual"  # "individual" (iSogCLR), "global" (RGCL-g) or "fixed" (SogCLR)
+    temperatures: TauPolicy
 
     def __init__(self, num_images: int, num_texts: int, **kwargs) -> None:
         super().__init__(num_images, num_texts, **kwargs)
-        individual = self.tau_mode == "individual"
-        self.img = SideState(self.num_images, self.tau_init, individual, self.shard, self.state_on_cpu)
-        self.txt = SideState(self.num_texts, self.tau_init, individual, self.shard, self.state_on_cpu)
-        if self.tau_mode == "global":
-            self.register_buffer("tau", torch.tensor([self.tau_init]))
-            self.register_buffer("tau_m", torch.zeros(1))
-
-    # -- temperatures --------------------------------------------------------------------------------------
-    def _tau_of(self, state: BatchState, length: int, device: torch.device) -> Tensor:
-        """The temperatures of a batch's positions, as read before the step."""
-        if self.tau_mode == "individual":
-            return state.tau
-        if self.tau_mode == "global":
-            return self.tau.expand(length)
-        return torch.full((length,), self.tau_init, device=device)
+        per_sample = self.temperatures.per_sample
+        self.img = SideState(self.num_images, self.tau_init, per_sample, self.shard, self.state_on_cpu)
+        self.txt = SideState(self.num_texts, self.tau_init, per_sample, self.shard, self.state_on_cpu)
+        self.temperatures.attach(self)
 
     @property
+    def learns_tau_by_rho(self) -> bool:  # type: ignore[override]
+        return self.temperatures.learned
+
+    # -- temperatures --------------------------------------------------------------------------------------
+    @property
     def tau_img(self) -> Tensor:
-        """τ of every image (length num_images). With sharded state under torch.distributed this gathers the
-        shards: a collective that every process must call, holding all N values on each."""
-        return self._all_taus(self.img, self.num_images)
+        """τ of every image (length num_images). With sharded per-sample τ under torch.distributed this gathers
+        the shards: a collective that every process must call, holding all N values on each."""
+        return self.temperatures.every(self, self.img, self.num_images)
 
     @property
     def tau_txt(self) -> Tensor:
         """τ of every caption (length num_texts); gathered like ``tau_img``."""
-        return self._all_taus(self.txt, self.num_texts)
-
-    def _all_taus(self, side: SideState, size: int) -> Tensor:
-        if self.tau_mode == "individual":
-            return side.full("tau")
-        if self.tau_mode == "global":
-            return expanded(self.tau, size)
-        return expanded(torch.tensor(self.tau_init, device=side.log_s.device), size)
+        return self.temperatures.every(self, self.txt, self.num_texts)
 
     def owned_temperatures(self) -> Optional[dict[str, tuple[Tensor, Tensor]]]:
-        if self.tau_mode != "individual":
-            return None
-        return {"image": (self.img.shard.ids(self.num_images), self.img.tau),
-                "text": (self.txt.shard.ids(self.num_texts), self.txt.tau)}
+        return self.temperatures.owned(self)
 
     def bytes_per_sample(self) -> dict[str, int]:
         return {"image": self.img.bytes_per_sample(), "text": self.txt.bytes_per_sample()}
@@ -142,8 +129,8 @@ class _RobustLoss(ContrastiveLoss):
         with torch.no_grad():
             ids_i, ids_t = batch.image_index, batch.text_index
             old_i, old_t = fetch_batch_state([(self.img, ids_i), (self.txt, ids_t)], device)
-            tau_i = self._tau_of(old_i, batch.size, device).double()  # as read before this step
-            tau_t = self._tau_of(old_t, batch.size, device).double()
+            tau_i = self.temperatures.used(self, old_i, batch.size, device).double()  # as read before this step
+            tau_t = self.temperatures.used(self, old_t, batch.size, device).double()
             image, text = batch.image.detach(), batch.text.detach()
             sim_rows = image @ batch.text_all.T  # this process's images against every text
             sim_cols = sim_rows if world == 1 else batch.image_all @ text.T  # every image against its texts
@@ -158,19 +145,17 @@ class _RobustLoss(ContrastiveLoss):
             loss_t = torch.exp(log_g_t - log_s_t) * mean_h_t
             grad_tau_i = log_s_i + self.rho - loss_i / tau_i  # G_k
             grad_tau_t = log_s_t + self.rho - loss_t / tau_t
-            new_tau_i, m_i = self._next_tau(old_i, grad_tau_i, group_i, tau_i)
-            new_tau_t, m_t = self._next_tau(old_t, grad_tau_t, group_t, tau_t)
-            self.img.store(ids_i, log_s_i, new_tau_i, m_i)
-            self.txt.store(ids_t, log_s_t, new_tau_t, m_t)
-            if self.tau_mode == "global":
-                self._step_global_tau(grad_tau_i, grad_tau_t)
+            new_i, new_t = self.temperatures.update(self, TauStep(old_i, grad_tau_i, group_i, tau_i),
+                                                    TauStep(old_t, grad_tau_t, group_t, tau_t))
+            self.img.store(ids_i, log_s_i, *new_i)
+            self.txt.store(ids_t, log_s_t, *new_t)
             value = (loss_i + loss_t).mean().to(dtype)
             rho = self.rho if self.learns_tau_by_rho else 0.0
             self._last = {
                 "loss": value,
                 "objective": (tau_i * (log_s_i + rho) + tau_t * (log_s_t + rho)).mean(),
-                "tau_img_mean": self._mean_tau(new_tau_i),
-                "tau_txt_mean": self._mean_tau(new_tau_t),
+                "tau_img_mean": self.temperatures.batch_mean(self, new_i),
+                "tau_txt_mean": self.temperatures.batch_mean(self, new_t),
             }
         rows = columns = None
         if torch.is_grad_enabled() and (batch.image.requires_grad or batch.text.requires_grad):
@@ -180,30 +165,9 @@ class _RobustLoss(ContrastiveLoss):
         return with_closed_form_gradient(value, batch.image, batch.text, rows, columns, batch.image_all,
                                          batch.text_all)
 
-    def _next_tau(self, old: BatchState, grad: Tensor, group: Tensor, tau_used: Tensor
-                  ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """Per-sample (τ, m) after this step; (None, None) without individual temperatures."""
-        if self.tau_mode != "individual":
-            return None, None
-        return next_tau(old, grad, group, tau_used, momentum=self.tau_momentum, clip=self.tau_grad_clip,
-                        lr=self.tau_lr, tau_min=self.tau_min, tau_max=self.tau_max, hold=self._tau_held())
 
-    def _step_global_tau(self, grad_i: Tensor, grad_t: Tensor) -> None:
-        grad = (grad_i + grad_t).mean().clamp(-self.tau_grad_clip, self.tau_grad_clip)
-        m = (1.0 - self.tau_momentum) * self.tau_m.double() + self.tau_momentum * grad
-        self.tau_m.copy_(m)
-        if not self._tau_held():
-            self.tau.copy_((self.tau.double() - self.tau_lr * m).clamp(self.tau_min, self.tau_max))
-
-    def _mean_tau(self, new_tau: Optional[Tensor]) -> Tensor:
-        """Mean τ of the batch after the step, as stored."""
-        if new_tau is not None:
-            return new_tau.float().mean()
-        return self.tau.mean() if self.tau_mode == "global" else torch.tensor(self.tau_init)
-
-
-class ISogCLRLoss(_RobustLoss):
-    """iSogCLR: the two-sided robust contrastive loss with individualized temperatures (SPEC 4.1).
+class ISogCLRLoss(RobustLoss):
+    """iSogCLR: the two-sided robust contrastive loss with individualized temperatures (design.md §4.1).
 
     ``loss(image_features, text_features, image_index, text_index)`` takes this process's L2-normalized
     features (any float dtype; computed in float32, or float64 for float64 input, with autocast disabled) and
@@ -221,7 +185,7 @@ class ISogCLRLoss(_RobustLoss):
 
     Duplicate ids in one global batch: each position computes its batch estimate from the state as it was
     before the step; the id is then updated once, with the mean of its positions' g and of their clipped G,
-    and all its positions use that updated s (see ``clip_dro.losses.state``). Order-independent.
+    and all its positions use that updated s (see ``clip_dro.losses.updates``). Order-independent.
 
     Temperature warm-up: during the first ``tau_warmup_steps`` calls of forward every τ stays at τ_init
     while s and m update. ``set_epoch(e)`` drives the γ schedule (``gamma_schedule``).
@@ -240,28 +204,25 @@ class ISogCLRLoss(_RobustLoss):
     ``tau_txt_mean`` = mean τ of the batch's samples after the update; ``gamma`` = the current γ.
     """
 
-    tau_mode = "individual"
-    learns_tau_by_rho = True
+    temperatures = IndividualTau()
 
 
-class SogCLRLoss(_RobustLoss):
-    """SogCLR (SPEC 4.2): ``ISogCLRLoss`` with one fixed temperature τ = ``tau_init`` and no τ update.
+class SogCLRLoss(RobustLoss):
+    """SogCLR (design.md §4.2): ``ISogCLRLoss`` with one fixed temperature τ = ``tau_init`` and no τ update.
 
     ``tau_img``/``tau_txt`` are constant views of τ_init (no memory); the state is s only (5 bytes per sample).
     The logged ``objective`` is mean τ(log s^I + log s^T), without ρ, which SogCLR does not use.
     """
 
-    tau_mode = "fixed"
+    temperatures = FixedTau()
 
 
-class RGCLgLoss(_RobustLoss):
+class RGCLgLoss(RobustLoss):
     """RGCL-g (FastCLIP's robust global contrastive loss): ``ISogCLRLoss`` with ONE temperature for all samples.
 
-    The global τ follows the derivative of the SPEC 4.1 objective with every τ tied together:
-    G = mean over the global batch of (G^I_k + G^T_k), m ← (1−β)·m + β·clip(G, −c, c),
-    τ ← clamp(τ − η·m, τ_min, τ_max), held during the warm-up. State: ``tau`` and ``tau_m`` (one element each)
-    plus s per sample (5 bytes); ``tau_img``/``tau_txt`` are views of the global τ expanded to every sample.
+    The global τ follows the derivative of the design.md §4.1 objective with every τ tied together (``GlobalTau``).
+    State: ``tau`` and ``tau_m`` (one element each) plus s per sample (5 bytes); ``tau_img``/``tau_txt`` are
+    views of the global τ expanded to every sample.
     """
 
-    tau_mode = "global"
-    learns_tau_by_rho = True
+    temperatures = GlobalTau()

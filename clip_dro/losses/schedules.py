@@ -4,9 +4,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from clip_dro.config import GAMMA_SCHEDULES
 from clip_dro.errors import UserError
-
-GAMMA_SCHEDULES = ("constant", "cosine")
 
 
 def gamma_at(epoch: float, gamma: float, schedule: str, decay_epochs: float) -> float:

@@ -1,20 +1,14 @@
-"""Per-sample state indexed by global image/text indices, and the rule for ids repeated within a batch.
-
-Duplicate rule: positions of one global batch that carry the same id form a group. Each position computes
-its own batch estimate (g, G) from the state as it was before the step; the group then applies ONE update to
-that id, using the mean of its positions' g (and of their clipped G), and every position of the group uses
-the resulting state. The rule does not depend on the order of the batch, and every position of a group writes
-the same value, so scattered writes are deterministic.
+"""Per-sample state indexed by global image/text indices: its storage, sharded over the processes, and the
+reads and writes of a batch's rows. The rules that update it are the loss's (``clip_dro.losses.updates``).
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, NamedTuple, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from clip_dro.distributed import gather_rows, sum_rows
 from clip_dro.errors import UserError
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -45,32 +39,6 @@ def check_indices(index: Tensor, size: int, name: str, batch: int) -> None:
         bad = low if low < 0 else high
         raise LossIndexError(f"{name} {bad} is outside the loss state [0, {size}): the loss was built for "
                              f"{size} {'images' if name.startswith('image') else 'texts'}")
-
-
-def duplicate_groups(ids: Tensor) -> Tensor:
-    """Group number of each position: equal exactly for positions holding the same id, in [0, len(ids)).
-
-    Sort-based with fixed shapes, so it needs no device synchronisation (unlike ``torch.unique``).
-    """
-    order = torch.argsort(ids, stable=True)
-    ranked = ids[order]
-    starts = torch.ones_like(ranked, dtype=torch.bool)
-    starts[1:] = ranked[1:] != ranked[:-1]
-    group_of_ranked = torch.cumsum(starts, 0) - 1
-    return torch.empty_like(group_of_ranked).scatter_(0, order, group_of_ranked)
-
-
-def group_mean(values: Tensor, group: Tensor) -> Tensor:
-    """For each position, the mean of ``values`` over the positions of its group."""
-    sums = torch.zeros_like(values).scatter_add_(0, group, values)
-    counts = torch.zeros_like(values).scatter_add_(0, group, torch.ones_like(values))
-    return sums[group] / counts[group]
-
-
-def group_log_mean_exp(log_values: Tensor, group: Tensor) -> Tensor:
-    """For each position, log of the mean of exp(``log_values``) over its group, without overflow."""
-    peak = torch.full_like(log_values, -math.inf).scatter_reduce_(0, group, log_values, "amax")[group]
-    return peak + torch.log(group_mean(torch.exp(log_values - peak), group))
 
 
 class StateShard(NamedTuple):
@@ -177,8 +145,7 @@ class SideState(nn.Module):
             return mine
         padded = torch.zeros(StateShard(0, self.shard.world).size(self.size), dtype=mine.dtype, device=mine.device)
         padded[: mine.numel()] = mine
-        parts = [torch.empty_like(padded) for _ in range(self.shard.world)]
-        dist.all_gather(parts, padded)
+        parts = gather_rows(padded, self.shard.world).view(self.shard.world, -1)
         out = torch.empty(self.size, dtype=mine.dtype, device=mine.device)
         for rank, part in enumerate(parts):
             out[rank::self.shard.world] = part[: StateShard(rank, self.shard.world).size(self.size)]
@@ -192,30 +159,11 @@ def fetch_batch_state(sides: Sequence[tuple[SideState, Tensor]], device: torch.d
     them: B x (2 or 4) float32 per side, exact because each row has exactly one non-zero contribution.
     """
     rows = [side.owned_rows(ids, device) for side, ids in sides]
-    if any(side.shard.world > 1 for side, _ in sides):
-        packed = torch.cat(rows, 1)
-        dist.all_reduce(packed)
+    world = max(side.shard.world for side, _ in sides)
+    if world > 1:
+        packed = sum_rows(torch.cat(rows, 1), world)
         rows = list(packed.split([r.shape[1] for r in rows], 1))
     return [side.batch_state(r) for (side, _), r in zip(sides, rows)]
-
-
-def next_log_s(old: BatchState, log_g: Tensor, group: Tensor, gamma: float) -> Tensor:
-    """log s after this step at each position: g on a first visit, else (1 − γ)·s + γ·g (g: group mean)."""
-    log_g = group_log_mean_exp(log_g, group)
-    if gamma >= 1.0:
-        return log_g
-    blended = torch.logaddexp(old.log_s.to(log_g.dtype) + math.log1p(-gamma), log_g + math.log(gamma))
-    return torch.where(old.visited, blended, log_g)
-
-
-def next_tau(old: BatchState, grad: Tensor, group: Tensor, tau_used: Tensor, *, momentum: float, clip: float,
-             lr: float, tau_min: float, tau_max: float, hold: bool) -> tuple[Tensor, Tensor]:
-    """(τ, m) after this step: m ← (1 − β)·m + β·clip(G, −c, c) (group mean); then, unless held,
-    τ ← clamp(τ − η·m, τ_min, τ_max)."""
-    clipped = group_mean(grad.clamp(-clip, clip), group)
-    m = (1.0 - momentum) * old.m.to(clipped.dtype) + momentum * clipped
-    tau = tau_used if hold else (tau_used.to(m.dtype) - lr * m).clamp(tau_min, tau_max)
-    return tau, m
 
 
 def reshard(shards: Sequence[Mapping[str, Tensor]], side_sizes: Mapping[str, int], shard: StateShard

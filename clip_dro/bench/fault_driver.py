@@ -1,6 +1,6 @@
-"""``clip-dro`` with a fault window held open, for the fault-injection tests and bench/faults.py.
+"""``clip-dro`` with a fault window held open, for the fault scenarios of ``clip_dro.bench.faults``.
 
-usage: python fault_driver.py MARKER POINT CLIP_DRO_ARGS...
+usage: python -m clip_dro.bench.fault_driver MARKER POINT CLIP_DRO_ARGS...
 
 POINT is where the run pauses for 60 s after writing the file MARKER, so that a test can strike exactly
 there (kill -9, SIGTERM):

@@ -1,5 +1,5 @@
-"""Fault scenarios on the tiny setup, shared by tests/test_faults.py (one strike each, at fixed points) and
-bench/faults.py (many strikes at random points, for the README's table).
+"""Fault scenarios on the tiny setup, shared by bench/faults.py (many strikes at random points, for the
+README's table) and tests/test_faults.py (one strike each, at fixed points).
 
 Every scenario strikes a training run and then checks the promise: the last complete checkpoint is intact,
 and resuming from it gives exactly the uninterrupted run (weights, optimizer state, every τ and s). A broken
@@ -7,29 +7,27 @@ promise is an AssertionError saying what was lost.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
-import sys
+import tarfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-import psutil
 import torch
 
+from clip_dro.bench import launch
 from clip_dro.checkpoint import read_loss_state, resolve_resume
+from clip_dro.resources import CONFIGS_DIR
 
-TESTS = Path(__file__).resolve().parent
-TINY = TESTS.parent / "configs/tiny_cpu.yaml"
+TINY = CONFIGS_DIR / "tiny_cpu.yaml"
 STEPS = 8
 CHECKPOINT_EVERY = 2
-ENV = {**os.environ, "OMP_NUM_THREADS": "1",
-       "PYTHONPATH": os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH")) if p)}
+FAULT_DRIVER = ["-m", "clip_dro.bench.fault_driver"]
 TWO_PROCESSES = {"data.batch_size": 8, "data.lanes": 2}
 
 
@@ -48,27 +46,19 @@ def args(data: Path, out: Path, **extra) -> list[str]:
     return ["train", "--config", str(TINY)] + [f"{k}={v}" for k, v in settings.items()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(cli_args: list[str], nproc: int = 1, fault: Optional[tuple[Path, str]] = None) -> list[str]:
     """``clip-dro`` (or the fault driver holding a window open) in one process or under torchrun."""
-    entry = [str(TESTS / "fault_driver.py"), str(fault[0]), fault[1]] if fault else ["-m", "clip_dro.cli"]
-    if nproc == 1:
-        return [sys.executable, *entry, *cli_args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(free_port()), *entry, *cli_args]
+    entry = [*FAULT_DRIVER, str(fault[0]), fault[1]] if fault else None
+    return launch.command(cli_args, nproc, entry)
 
 
 def start(cmd: list[str], env: Optional[dict] = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env or launch.environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
-def finish(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, **kw)
+def finish(cli_args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    proc = launch.run(cli_args, nproc)
     assert proc.returncode == 0, f"the resumed run failed: {proc.stderr[-3000:]}"
     return proc
 
@@ -113,8 +103,8 @@ def assert_same_run(reference: Path, resumed: Path) -> None:
 
 def reference_runs(data: Path, root: Path) -> dict[int, Path]:
     """The uninterrupted runs at 1 and 2 processes (their run directories)."""
-    finish(command(args(data, root / "one")))
-    finish(command(args(data, root / "two", **TWO_PROCESSES), nproc=2))
+    finish(args(data, root / "one"))
+    finish(args(data, root / "two", **TWO_PROCESSES), nproc=2)
     return {1: root / "one", 2: root / "two"}
 
 
@@ -129,7 +119,7 @@ def copy_checkpoint(reference_run: Path, step: int, run_dir: Path) -> None:
 def resume_and_compare(data: Path, reference: dict[int, Path], run_dir: Path, nproc: int = 1, **extra) -> None:
     """Resume ``run_dir``'s latest checkpoint to the end; the result must be the uninterrupted run's."""
     more = TWO_PROCESSES if nproc == 2 else {}
-    finish(command(args(data, run_dir, **more, **extra, **{"train.resume": "latest"}), nproc=nproc))
+    finish(args(data, run_dir, **more, **extra, **{"train.resume": "latest"}), nproc=nproc)
     assert_same_run(reference[nproc] / "final", run_dir / "final")
 
 
@@ -139,6 +129,7 @@ def kill9_during_training(data: Path, reference: dict[int, Path], run_dir: Path,
                           **extra) -> None:
     """SIGKILL one training process once step ``at_step`` is logged (for two: the last rank; torchrun then
     stops the other)."""
+    import psutil  # a development dependency: only the fault scenarios need it
     proc = start(command(args(data, run_dir, **(TWO_PROCESSES if nproc == 2 else {}), **extra), nproc=nproc))
     wait_for(lambda: logged_step(run_dir) >= at_step, f"step {at_step}")
     victims = psutil.Process(proc.pid).children() if nproc == 2 else [psutil.Process(proc.pid)]
@@ -174,8 +165,7 @@ def disk_full_while_checkpointing(data: Path, reference: dict[int, Path], run_di
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
 
-    proc = subprocess.run(command(args(data, run_dir, **{"train.resume": "latest"})), env=ENV,
-                          capture_output=True, text=True, timeout=600, preexec_fn=small_files)
+    proc = launch.run(args(data, run_dir, **{"train.resume": "latest"}), preexec_fn=small_files)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_error_line(proc.stderr)
     assert f"cannot write checkpoint {run_dir}" in line and "previous checkpoint is intact" in line, line
@@ -215,8 +205,7 @@ def two_runs_on_one_directory(data: Path, reference: dict[int, Path], run_dir: P
     marker = run_dir.parent / f"{run_dir.name}.marker"
     first = start(command(args(data, run_dir), fault=(marker, f"step:{at_step}")))
     wait_for(marker.exists, f"the first run's step {at_step}")
-    second = subprocess.run(command(args(data, run_dir, **{"train.resume": "latest"})), env=ENV,
-                            capture_output=True, text=True, timeout=300)
+    second = launch.run(args(data, run_dir, **{"train.resume": "latest"}), timeout=300)
     assert second.returncode == 2 and f"train.output_dir {run_dir} is in use" in one_error_line(second.stderr)
     first.kill()
     first.communicate(timeout=60)
@@ -227,12 +216,12 @@ def peer_dies(data: Path, run_dir: Path, at_step: int, timeout_s: int = 20) -> f
     """Two processes started by hand (no launcher to tear the group down); rank 1 is killed after step
     ``at_step``. Rank 0 must stop on its own, with one line, within the collective timeout. Returns the
     seconds it took."""
-    port = free_port()
+    port = launch.free_port()
     cli_args = args(data, run_dir, **TWO_PROCESSES, **{"train.max_steps": 60, "train.checkpoint_every": 0,
                                                         "train.collective_timeout_s": timeout_s})
-    ranks = [start([sys.executable, "-m", "clip_dro.cli", *cli_args],
-                   env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
+    ranks = [start(launch.command(cli_args),
+                   env=launch.environment(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))) for r in range(2)]
     wait_for(lambda: logged_step(run_dir) >= at_step, f"step {at_step}")
     killed_at = time.time()
     ranks[1].kill()
@@ -244,11 +233,8 @@ def peer_dies(data: Path, run_dir: Path, at_step: int, timeout_s: int = 20) -> f
     return took
 
 
-def _rewrite_members(shard: Path, change) -> None:
+def rewrite_members(shard: Path, change: Callable[[str, bytes], bytes]) -> None:
     """Rewrite every member of a tar through ``change(name, bytes) -> bytes``."""
-    import io
-    import tarfile
-
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(shard, "w") as tar:
@@ -260,9 +246,9 @@ def _rewrite_members(shard: Path, change) -> None:
 
 DAMAGES = {
     "truncated tar": lambda shard: shard.write_bytes(shard.read_bytes()[:3000]),
-    "undecodable image": lambda shard: _rewrite_members(
+    "undecodable image": lambda shard: rewrite_members(
         shard, lambda name, b: b"not an image" if name.endswith((".jpg", ".png", ".webp")) else b),
-    "index outside the state": lambda shard: _rewrite_members(
+    "index outside the state": lambda shard: rewrite_members(
         shard, lambda name, b: json.dumps({**json.loads(b), "image_index": 10**6}).encode()
         if name.endswith(".json") else b),
 }
@@ -280,8 +266,7 @@ def damaged_shard(data: Path, run_dir: Path, damage: str) -> str:
     """Every train shard damaged one way: the run stops at the first one it meets with one line naming the
     shard and the sample key, before any checkpoint. Returns that line."""
     bad = damaged_copy(data, run_dir.parent / f"{run_dir.name}-data", damage)
-    proc = subprocess.run(command(args(data, run_dir, **{"data.train": bad})), env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    proc = launch.run(args(data, run_dir, **{"data.train": bad}), timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_error_line(proc.stderr)
     assert f"shard {bad}/" in line, line
@@ -298,7 +283,7 @@ def damaged_shard_skipped(data: Path, run_dir: Path, damage: str, at_step: int) 
     bad = damaged_copy(data, run_dir.parent / f"{run_dir.name}-data", damage, shards=1)
     skip = {"data.train": bad, "data.on_bad_sample": "skip"}
     uninterrupted = run_dir.parent / f"{run_dir.name}-uninterrupted"
-    finish(command(args(data, uninterrupted, **skip)))
+    finish(args(data, uninterrupted, **skip))
     lines = [json.loads(x) for x in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     skipped = [x for x in lines if "skipped_samples" in x]
     assert 0 < len(skipped) < STEPS, f"{len(skipped)} of {STEPS} steps skipped"
