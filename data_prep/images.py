@@ -16,7 +16,6 @@ import os
 import stat
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 from PIL import Image

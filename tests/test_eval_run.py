@@ -22,7 +22,7 @@ from clip_dro.evaluation.run import EvalError, NonFiniteEmbeddingError, evaluate
 from clip_dro.models import build_model, register_model_configs
 from clip_dro.data.shard_reader import caption_lines
 from datagen import read_tar
-from evalgen import (BAD, CLASSES, FRUITS, TEMPLATES, brute_force_classification, brute_force_retrieval, eval_set_args,
+from evalgen import (CLASSES, FRUITS, TEMPLATES, brute_force_classification, brute_force_retrieval, eval_set_args,
                      make_checkpoint, make_imagefolder, make_retrieval_set, make_train_set, make_zeroshot_shards)
 
 BATCH = 4

@@ -1,5 +1,5 @@
 """Data from others cannot run commands, escape its directory, race another writer or crash with a traceback
-(design.md, untrusted input). The property tests at the end generate hostile manifests, shards, tables and
+(docs/design.md §9). The property tests at the end generate hostile manifests, shards, tables and
 config overrides and count the outcomes (printed at the end of the module: ``pytest -s``)."""
 import collections
 import io
@@ -24,9 +24,9 @@ from clip_dro.cli import main
 from clip_dro.config import load_config
 from clip_dro.data.shard_reader import MAX_OTHER_MEMBER_BYTES, DamagedTar, raw_sample, shard_samples
 from clip_dro.errors import UserError
-from clip_dro.resources import resolve_config_path
 from clip_dro.manifest import (LocationError, Manifest, ShardInfo, UnsafeNameError, join_location, load_manifest,
-                               open_location, read_location)
+                               read_location)
+from clip_dro.resources import resolve_config_path
 from datagen import image_bytes, write_images
 
 HOSTILE_NAMES = ["shard-000000.tar; touch PWNED; echo", "/etc/passwd", "../outside.tar", "a/b.tar", "..", ".",
