@@ -12,6 +12,7 @@ How τ is kept is a policy, chosen once by the loss class: ``FixedTau`` (SogCLR:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
 import torch
@@ -86,7 +87,7 @@ class SideTau(NamedTuple):
     m: Optional[Tensor] = None
 
 
-class TauPolicy:
+class TauPolicy(ABC):
     """How a robust loss keeps its temperatures. The loss's hyperparameters (``tau_init``, ``tau_lr``, ...)
     and buffers are its own; a policy reads and updates them."""
 
@@ -96,25 +97,25 @@ class TauPolicy:
     def attach(self, loss: "RobustLoss") -> None:
         """Register what the policy keeps beyond the per-sample state as buffers of ``loss``."""
 
+    @abstractmethod
     def used(self, loss: "RobustLoss", state: BatchState, length: int, device: torch.device) -> Tensor:
         """τ of a batch's ``length`` positions, as read before the step."""
-        raise NotImplementedError
 
     def update(self, loss: "RobustLoss", image: TauStep, text: TauStep) -> tuple[SideTau, SideTau]:
         """Move τ after the step (held during the warm-up); per side, what the state stores."""
         return SideTau(), SideTau()
 
+    @abstractmethod
     def every(self, loss: "RobustLoss", side: SideState, size: int) -> Tensor:
         """τ of every id of ``side`` (length ``size``)."""
-        raise NotImplementedError
 
     def owned(self, loss: "RobustLoss") -> Optional[dict[str, tuple[Tensor, Tensor]]]:
         """Per side, (global ids, τ) of the samples this process owns; None without per-sample τ."""
         return None
 
+    @abstractmethod
     def batch_mean(self, loss: "RobustLoss", stored: SideTau) -> Tensor:
         """Mean τ of a side's batch after the step."""
-        raise NotImplementedError
 
 
 class FixedTau(TauPolicy):
