@@ -217,6 +217,20 @@ def test_a_table_cannot_make_prep_read_without_end(tmp_path):
     assert all("not a regular file" in reason for reason in reasons.values()), reasons
 
 
+def test_a_foreign_shard_count_costs_one_lookup(tmp_path):
+    """CLIP_benchmark's nshards.txt comes with someone's set: a count of 10**12 is refused at the first gap,
+    not after building a list of 10**12 paths."""
+    from clip_dro.data.benchmark_sets import open_zeroshot_set
+    from clip_dro.data.eval_sets import EvalSetError
+
+    (tmp_path / "test").mkdir()
+    (tmp_path / "classnames.txt").write_text("cat\n")
+    (tmp_path / "test" / "0.tar").write_bytes(bytes(1024))
+    (tmp_path / "test" / "nshards.txt").write_text(str(10 ** 12))
+    with pytest.raises(EvalSetError, match=r"nshards.txt lists 1000000000000 shards but .*1.tar does not exist"):
+        open_zeroshot_set(tmp_path)
+
+
 class _Evil:
     def __reduce__(self):
         return os.system, ("touch PWNED",)
