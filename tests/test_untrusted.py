@@ -231,6 +231,18 @@ def test_a_foreign_shard_count_costs_one_lookup(tmp_path):
         open_zeroshot_set(tmp_path)
 
 
+def test_a_damaged_torchscript_archive_is_one_line(tmp_path):
+    import zipfile
+
+    from clip_dro.evaluation.any_model import load_any_model
+
+    with zipfile.ZipFile(tmp_path / "fake.pt", "w") as archive:
+        archive.writestr("fake/constants.pkl", b"not a pickle")
+    with pytest.raises(UserError, match="cannot read the TorchScript archive") as error:
+        load_any_model("tiny-vit", pretrained=str(tmp_path / "fake.pt"))
+    assert "\n" not in str(error.value)
+
+
 class _Evil:
     def __reduce__(self):
         return os.system, ("touch PWNED",)

@@ -47,7 +47,10 @@ def _check_names(name: str, pretrained: Optional[str], text_tower: Optional[str]
 
 def _load_openai_archive(bundle: ModelBundle, path: Path) -> torch.nn.Module:
     """The model of an OpenAI JIT archive as open_clip builds it, once its tensors are shown to fit ``bundle``."""
-    model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+    try:
+        model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+    except Exception as exc:  # a damaged or foreign TorchScript archive: torch.jit raises many kinds
+        raise ModelError(f"--pretrained {path}: cannot read the TorchScript archive: {first_line(exc)}") from None
     try:
         bundle.model.load_state_dict(model.state_dict(), strict=True)
     except RuntimeError as exc:
