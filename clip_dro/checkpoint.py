@@ -16,7 +16,7 @@ import json
 import math
 import re
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -30,7 +30,7 @@ from clip_dro.distributed import sum_over_processes
 from clip_dro.errors import UserError, first_line
 from clip_dro.losses import ContrastiveLoss
 from clip_dro.losses.state import StateShard, reshard
-from clip_dro.manifest import Manifest
+from clip_dro.data.sources import TrainSources, locate
 from clip_dro.models import ModelBundle, build_model
 
 TRAINER_STATE = "trainer_state.json"
@@ -69,6 +69,9 @@ class TrainerState:
     # With the seed, these two fix the sample sequence (the data.batch_size of one process does not).
     global_batch: int
     lanes: int
+    # Per source of data.train, in order: dataset_id, num_images, num_texts, image_offset, text_offset
+    # (TrainSources.layout). Absent in checkpoints from before several sources: one source at offset 0.
+    sources: Optional[list[dict[str, Any]]] = None
 
     def write(self, directory: Path) -> None:
         (directory / TRAINER_STATE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -82,13 +85,40 @@ class TrainerState:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path} is damaged: {exc}") from None
-        expected = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) != expected:
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        if not isinstance(data, dict) or not required <= set(data) <= known:
             found = set(data) if isinstance(data, dict) else set()
-            problem = (f"lacks {', '.join(sorted(expected - found))}" if expected - found
-                       else f"has unknown {', '.join(sorted(found - expected))}")
+            problem = (f"lacks {', '.join(sorted(required - found))}" if required - found
+                       else f"has unknown {', '.join(sorted(found - known))}")
             raise CheckpointError(f"{path} is damaged or from another version: it {problem}")
         return cls(**data)
+
+    def recorded_sources(self) -> list[dict[str, Any]]:
+        """The sources the checkpoint was trained on (``sources``, or the one source of an older checkpoint)."""
+        if self.sources is not None:
+            return self.sources
+        return [{"dataset_id": self.dataset_id, "num_images": self.num_images, "num_texts": self.num_texts,
+                 "image_offset": 0, "text_offset": 0}]
+
+    def check_sources(self, directory: Path, layout: list[dict[str, Any]]) -> None:
+        """Refuse sources other than the checkpoint's, in its order: any change moves global indices, so the
+        per-sample state would belong to other samples. Single sources keep ``check_compatible``'s message."""
+        saved = self.recorded_sources()
+        if saved == layout or len(saved) == len(layout) == 1:
+            return
+        old, new = [s["dataset_id"] for s in saved], [s["dataset_id"] for s in layout]
+        if sorted(old) == sorted(new):
+            why = "the same sources in another order"
+        elif len(new) != len(old):
+            why = f"sources {'added' if len(new) > len(old) else 'removed'}"
+        else:
+            k = next(i for i, (a, b) in enumerate(zip(saved, layout)) if a != b)
+            why = f"another data.train[{k}]"
+        raise CheckpointError(f"checkpoint {directory} was trained on sources {', '.join(old)} (dataset ids, in "
+                              f"order) and data.train gives {', '.join(new)}: {why} would give samples other "
+                              "samples' state; list the checkpoint's sources in its order, or use another "
+                              "train.output_dir")
 
     def check_compatible(self, directory: Path, dataset_id: str, num_images: int, num_texts: int,
                          model_name: str, loss_name: str) -> None:
@@ -148,11 +178,12 @@ def check_same_settings(directory: Path, saved: dict, current: dict) -> None:
                               "or another train.output_dir")
 
 
-def check_resumable(directory: Path, config: Config, manifest: Manifest, global_batch: int, lanes: int) -> None:
+def check_resumable(directory: Path, config: Config, sources: TrainSources, global_batch: int, lanes: int) -> None:
     """Refuse, before anything is built, a checkpoint that would not continue the run ``config`` describes on
-    the data of ``manifest``."""
+    the data of ``sources``."""
     state = TrainerState.read(directory)
-    state.check_compatible(directory, manifest.dataset_id, manifest.num_images, manifest.num_texts,
+    state.check_sources(directory, sources.layout())
+    state.check_compatible(directory, sources.dataset_id, sources.num_images, sources.num_texts,
                            config.model.name, config.loss.name)
     state.check_same_sequence(directory, global_batch, lanes)
     try:
@@ -241,12 +272,17 @@ def write_temperature_shard(path: Path, owned: dict[str, tuple[torch.Tensor, tor
         np.savez(f, **arrays)
 
 
-def temperature_shards_to_csv(shards: list[Path], path: Path) -> None:
-    """``side,index,tau`` rows for every image and text (design.md §7.4), sorted by side and index."""
+def temperature_shards_to_csv(shards: list[Path], path: Path, sources: Optional[list[dict[str, Any]]] = None) -> None:
+    """``side,index,tau`` rows for every image and text (design.md §7.4), sorted by side and index. Trained on
+    several sources (``sources``: ``TrainerState.sources``), each row also names its ``source`` (its position
+    in data.train) and ``source_index`` (its index within that source)."""
     frames = []
     for side in SIDES:
         rows = pd.concat([frame[frame["side"] == side] for frame in map(_temperature_shard, shards)])
-        frames.append(rows.sort_values("index", kind="stable"))
+        rows = rows.sort_values("index", kind="stable")
+        if sources is not None and len(sources) > 1:
+            rows["source"], rows["source_index"] = locate(sources, side, rows["index"].to_numpy())
+        frames.append(rows)
     pd.concat(frames, ignore_index=True).to_csv(path, index=False)
 
 
@@ -356,7 +392,7 @@ def save_checkpoint(acc: Accelerator, final_dir: Path, loss_fn: ContrastiveLoss,
             save_config(config, tmp_dir / CONFIG_FILE)
             if temperatures is not None and trainer_state.num_images + trainer_state.num_texts <= CSV_MAX_ROWS:
                 temperature_shards_to_csv(shard_files(tmp_dir / TEMPERATURES_DIR, "npz"),
-                                          tmp_dir / TEMPERATURES_FILE)
+                                          tmp_dir / TEMPERATURES_FILE, trainer_state.sources)
             trainer_state.write(tmp_dir)  # last: its presence marks the checkpoint complete
         except Exception as exc:  # noqa: BLE001  as above
             error = exc

@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 from clip_dro.checkpoint import (MODEL_FILE, TEMPERATURES_DIR, TRAINER_STATE, CheckpointError, TrainerState,
                                  check_resumable)
 from clip_dro.config import Config, load_config, parse_override
+from clip_dro.data.sources import TrainSources
 from clip_dro.data.train_loader import check_layout
 from clip_dro.errors import UserError
 from clip_dro.evaluation.comparison import LEVEL, RESAMPLES, comparison_table
 from clip_dro.evaluation.temperatures import analyze_temperatures
-from clip_dro.manifest import load_manifest
 from clip_dro.resources import resolve_config_path
 from clip_dro.trainer import train
 
@@ -128,10 +128,9 @@ def _finished(run: Run) -> Optional[Path]:
     if not (final / TRAINER_STATE).is_file():
         return None
     cfg = run.cfg
-    manifest = load_manifest(cfg.data.train)
-    lanes = check_layout(cfg.data.train, len(manifest.shards), cfg.data.batch_size, 1, cfg.data.workers,
-                         cfg.data.lanes)
-    check_resumable(final, cfg, manifest, cfg.data.batch_size, lanes)
+    sources = TrainSources(cfg.data.train)
+    lanes = check_layout(sources.name, sources.num_shards, cfg.data.batch_size, 1, cfg.data.workers, cfg.data.lanes)
+    check_resumable(final, cfg, sources, cfg.data.batch_size, lanes)
     return final
 
 

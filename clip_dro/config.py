@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from clip_dro.errors import UserError
+from clip_dro.manifest import is_url
 
 _FLOAT_LITERAL = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -45,7 +46,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: Optional[str] = None
+    # Prep directories (paths or URLs) trained as one dataset: each sample keeps its own global indices and
+    # state (clip_dro.data.sources). One string is a list of one.
+    train: Optional[list[str]] = None
+    # Sampling proportions of the sources (one per data.train entry, > 0). With them an epoch is a virtual one
+    # of data.samples_per_epoch samples drawn with replacement (open_clip's resampled mode); without them an
+    # epoch is every sample of every source once.
+    weights: Optional[list[float]] = None
+    samples_per_epoch: Optional[int] = None
     batch_size: int = 64
     workers: int = 0
     # Number of parallel shard streams that make up each global batch. Fixed lanes make the global batch
@@ -229,12 +237,46 @@ def check_loss_hyperparameters(*, gamma: float, rho: float, tau_init: float, tau
     _check(int(tau_warmup_steps) >= 0, "loss.tau_warmup_steps", tau_warmup_steps, "must be >= 0")
 
 
+def _source_key(location: str) -> str:
+    """What makes two data.train entries the same source: the resolved path, or the URL as written."""
+    return location.rstrip("/") if is_url(location) else str(Path(location).expanduser().resolve())
+
+
+def _check_sources(d: DataConfig) -> None:
+    """data.train, data.weights and data.samples_per_epoch together."""
+    train = d.train or []
+    if d.train is not None:
+        _check(bool(train), "data.train", train, "is empty; give one prep directory or a list of them")
+    seen: dict[str, int] = {}
+    for i, location in enumerate(train):
+        _check(bool(location.strip()), f"data.train[{i}]", location, "is empty")
+        first = seen.setdefault(_source_key(location), i)
+        _check(first == i, f"data.train[{i}]", location, f"is the same source as data.train[{first}]; list each "
+               "source once (data.weights sets proportions)")
+    if d.weights is not None:
+        _check(len(d.weights) == len(train), "data.weights", d.weights,
+               f"has {len(d.weights)} entries but data.train has {len(train)} sources: give one weight per source")
+        for i, weight in enumerate(d.weights):
+            _check(weight > 0, f"data.weights[{i}]", weight, "must be > 0")
+        if d.samples_per_epoch is None:
+            raise ConfigError("data.samples_per_epoch: not set; data.weights needs it (the number of samples of the "
+                              "virtual epoch the weights are drawn into)")
+    elif d.samples_per_epoch is not None:
+        raise ConfigError(f"data.samples_per_epoch: {d.samples_per_epoch!r} is only used with data.weights "
+                          "(without weights an epoch is every sample of every source once); set data.weights or "
+                          "remove it")
+    if d.samples_per_epoch is not None:
+        _check(d.samples_per_epoch >= d.batch_size, "data.samples_per_epoch", d.samples_per_epoch,
+               f"must be at least the global batch (data.batch_size = {d.batch_size} per process)")
+
+
 def validate(cfg: Config) -> Config:
     """Range checks that types alone cannot express."""
     # Imported here: the losses import this module, and the shard reader brings webdataset with it.
     from clip_dro.data.shard_reader import parse_background
 
     d, t = cfg.data, cfg.train
+    _check_sources(d)
     _check(d.batch_size >= 2, "data.batch_size", d.batch_size, "must be at least 2 (contrastive losses need negatives)")
     _check(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
     _check(d.lanes is None or d.lanes >= 1, "data.lanes", d.lanes, "must be >= 1")

@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 
 from clip_dro.checkpoint import TrainerState, check_resumable, load_checkpoint, prune, resolve_resume, save_checkpoint
 from clip_dro.config import Config, load_config, save_config
+from clip_dro.data.sources import TrainSources
 from clip_dro.data.train_loader import TrainBatch, TrainLoader, check_layout
 from clip_dro.distributed import from_main, join_processes, peer_failures_in_one_line, sum_over_processes
 from clip_dro.errors import UserError
 from clip_dro.evaluation.periodic import PeriodicEvaluation, describe
 from clip_dro.losses import build_loss
-from clip_dro.manifest import load_manifest
 from clip_dro.models import build_model
 from clip_dro.optim import build_optimizer, warmup_cosine
 from clip_dro.resources import resolve_config_path
@@ -106,8 +106,8 @@ class Trainer:
         self.accelerator = acc = accelerator
         if cfg.data.train is None:
             raise UserError("data.train: not set; point it at a prep output directory")
-        self.manifest = load_manifest(cfg.data.train)
-        self.lanes = check_layout(cfg.data.train, len(self.manifest.shards), cfg.data.batch_size,
+        self.sources = TrainSources(cfg.data.train)
+        self.lanes = check_layout(self.sources.name, self.sources.num_shards, cfg.data.batch_size,
                                   acc.num_processes, cfg.data.workers, cfg.data.lanes)
         self.global_batch = cfg.data.batch_size * acc.num_processes
         # Checked now (no image is decoded) so that a bad eval set fails before training, not after it.
@@ -115,7 +115,7 @@ class Trainer:
                                              cfg.eval.workers, cfg.eval.on_bad_image)
         self.resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         if self.resume_from is not None:
-            check_resumable(self.resume_from, cfg, self.manifest, self.global_batch, self.lanes)
+            check_resumable(self.resume_from, cfg, self.sources, self.global_batch, self.lanes)
 
         set_seed(cfg.train.seed)
         self.bundle = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.text_tower,
@@ -127,17 +127,18 @@ class Trainer:
             if isinstance(getattr(model, name, None), torch.nn.Parameter):
                 getattr(model, name).requires_grad_(False)
 
-        self.loader = TrainLoader(cfg.data.train, self.bundle.preprocess_train, self.bundle.tokenizer,
+        self.loader = TrainLoader(self.sources, self.bundle.preprocess_train, self.bundle.tokenizer,
                                   cfg.data.batch_size, seed=cfg.train.seed, rank=acc.process_index,
                                   world_size=acc.num_processes, workers=cfg.data.workers, lanes=self.lanes,
                                   shuffle_buffer=cfg.data.shuffle_buffer, background=cfg.data.background,
-                                  on_bad_sample=cfg.data.on_bad_sample)
-        self.loss_fn = build_loss(cfg.loss.name, self.manifest.num_images, self.manifest.num_texts,
+                                  on_bad_sample=cfg.data.on_bad_sample, weights=cfg.data.weights,
+                                  samples_per_epoch=cfg.data.samples_per_epoch)
+        self.loss_fn = build_loss(cfg.loss.name, self.sources.num_images, self.sources.num_texts,
                                   state_device=cfg.loss.state_device, **cfg.loss.hyperparameters()).to(acc.device)
 
         self.total_steps = cfg.train.max_steps or sum(self.loader.steps_in_epoch(e) for e in range(cfg.train.epochs))
         if self.total_steps < 1:
-            raise UserError(f"data.train: {cfg.data.train} yields no full global batch of {self.global_batch}")
+            raise UserError(f"data.train: {self.sources.name} yields no full global batch of {self.global_batch}")
         optimizer = build_optimizer(model, self.loss_fn.parameters(), cfg.train.lr, cfg.train.weight_decay)
         # The schedule is by global step; accelerate's scheduler wrapper would step it once per process.
         self.scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, self.total_steps)
@@ -156,9 +157,10 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------------
 
     def _state(self) -> TrainerState:
-        return TrainerState(self.global_step, self.epoch, self.step_in_epoch, self.manifest.dataset_id,
-                            self.manifest.num_images, self.manifest.num_texts, self.cfg.model.name,
-                            self.cfg.loss.name, self.scheduler.state_dict(), self.global_batch, self.lanes)
+        return TrainerState(self.global_step, self.epoch, self.step_in_epoch, self.sources.dataset_id,
+                            self.sources.num_images, self.sources.num_texts, self.cfg.model.name,
+                            self.cfg.loss.name, self.scheduler.state_dict(), self.global_batch, self.lanes,
+                            self.sources.layout())
 
     def _open_clip_state_dict(self) -> dict:
         state = self.accelerator.unwrap_model(self.model).state_dict()

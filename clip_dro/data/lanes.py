@@ -11,6 +11,11 @@ Within a lane, consecutive blocks of ``buffer`` items are each permuted with (se
 shuffle buffer whose order is computed, not replayed, so a resumed epoch skips its prefix without reading it
 (except within the block it resumes in).
 
+With several sources the shards are those of all sources together (``clip_dro.data.sources``). With
+``data.weights`` the epoch is virtual instead (``plan_resampled_epoch``): ``data.samples_per_epoch`` items,
+each source's share of them drawn as whole shards with replacement from (seed, e, source), the draws
+permuted with (seed, e) and cut into lanes the same way.
+
 The cost per epoch is one permutation and one cumulative sum over the shards (numpy) and a binary search
 per lane: O(shards + lanes log shards). Nothing here depends on the number of processes or workers; that is
 what makes the global batch of a step the same whoever reads it (see ``train_loader``).
@@ -23,7 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 # Distinct first words keep the random streams apart (seed, epoch, ... alone could coincide).
-_TAG_SHARDS, _TAG_BLOCKS, _TAG_DRAWS = 1, 4, 3
+_TAG_SHARDS, _TAG_BLOCKS, _TAG_DRAWS, _TAG_RESAMPLE, _TAG_VISITS = 1, 4, 3, 5, 6
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -32,8 +37,8 @@ def _rng(*key: int) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """The lanes of one epoch: ``order`` (shard ids in epoch order), ``offsets`` (item offset of each of them
-    in the epoch's sequence, plus the total), ``cuts`` (the lanes' item ranges: lane l holds
+    """The lanes of one epoch: ``order`` (shard ids in epoch order; a shard drawn twice is there twice),
+    ``offsets`` (item offset of each of them in the epoch's sequence, plus the total), ``cuts`` (the lanes' item ranges: lane l holds
     [cuts[l], cuts[l + 1])) and ``steps`` (full global batches in the epoch)."""
 
     order: np.ndarray
@@ -62,11 +67,47 @@ class EpochPlan:
 
 def plan_epoch(shard_sizes: Sequence[int] | np.ndarray, lanes: int, per_lane: int, seed: int, epoch: int
                ) -> EpochPlan:
-    """The lanes of ``epoch`` (see the module docstring)."""
+    """The lanes of ``epoch``: every shard once (see the module docstring)."""
     sizes = np.asarray(shard_sizes, dtype=np.int64)
     order = _rng(_TAG_SHARDS, seed, epoch).permutation(len(sizes))
-    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
-    np.cumsum(sizes[order], out=offsets[1:])
+    return _cut(order, sizes[order], lanes, per_lane)
+
+
+def plan_resampled_epoch(source_shard_sizes: Sequence[np.ndarray], shard_offsets: Sequence[int],
+                         weights: Sequence[float], samples: int, lanes: int, per_lane: int, seed: int, epoch: int
+                         ) -> EpochPlan:
+    """The lanes of a virtual epoch of ``samples`` items drawn from several sources (open_clip's resampled
+    mode): source k gets its share ``weights[k] / sum(weights)`` of them exactly (largest remainders), as
+    shards of that source drawn uniformly with replacement (so each of its samples is equally likely) until
+    the share is covered, the last one cut to fit. The visits of all sources are permuted with (seed, epoch)
+    and cut into lanes as in ``plan_epoch``; a visit is a shard's prefix, so lane segments address it as
+    they do a shard. Source k's shard j is global shard ``shard_offsets[k] + j``."""
+    share = np.asarray(weights, dtype=np.float64) / float(np.sum(weights)) * samples
+    quota = np.floor(share).astype(np.int64)
+    quota[np.argsort(-(share - quota), kind="stable")[:samples - int(quota.sum())]] += 1
+    shards, sizes = [], []
+    for k, (source_sizes, offset) in enumerate(zip(source_shard_sizes, shard_offsets)):
+        if quota[k] == 0:
+            continue
+        readable = np.flatnonzero(source_sizes > 0)
+        # Enough draws to cover the quota even if every one is the smallest shard.
+        draws = readable[_rng(_TAG_RESAMPLE, seed, epoch, k).integers(
+            len(readable), size=-(-int(quota[k]) // int(source_sizes[readable].min())))]
+        covered = np.cumsum(source_sizes[draws])
+        used = int(np.searchsorted(covered, quota[k], side="left")) + 1
+        visit_sizes = source_sizes[draws[:used]].copy()
+        visit_sizes[-1] -= int(covered[used - 1] - quota[k])
+        shards.append(draws[:used] + offset)
+        sizes.append(visit_sizes)
+    order = np.concatenate(shards)
+    permutation = _rng(_TAG_VISITS, seed, epoch).permutation(len(order))
+    return _cut(order[permutation], np.concatenate(sizes)[permutation], lanes, per_lane)
+
+
+def _cut(order: np.ndarray, sizes: np.ndarray, lanes: int, per_lane: int) -> EpochPlan:
+    """Shard visits ``order`` of ``sizes`` items each, laid end to end and cut into lanes."""
+    offsets = np.zeros(len(order) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
     total = int(offsets[-1])
     steps = total // (lanes * per_lane)
     need = steps * per_lane
@@ -75,7 +116,7 @@ def plan_epoch(shard_sizes: Sequence[int] | np.ndarray, lanes: int, per_lane: in
     for lane in range(lanes - 1):
         want = int(cuts[lane]) + need
         limit = total - (lanes - 1 - lane) * need  # what the lanes after this one need
-        boundary = int(offsets[min(int(np.searchsorted(offsets, want, side="left")), len(sizes))])
+        boundary = int(offsets[min(int(np.searchsorted(offsets, want, side="left")), len(order))])
         cuts[lane + 1] = boundary if want <= boundary <= limit else want
     return EpochPlan(order, offsets, cuts, steps, per_lane)
 

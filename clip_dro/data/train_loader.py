@@ -6,7 +6,9 @@ of at least steps x c samples each, with c = B / L (B = per-process batch x proc
 every sample of the epoch is used but for fewer than one global batch (``lanes.plan_epoch``). Each lane's
 stream is mixed by a shuffle buffer of ``shuffle_buffer`` samples whose order is computed from (seed, e,
 lane, block). At every step each lane gives its next c samples, and the global batch of step k is lanes
-0..L-1 in order. All of this is a function of the manifest, the seed, L, B and the buffer only.
+0..L-1 in order. All of this is a function of the manifest, the seed, L, B and the buffer only. Several
+sources (``data.train`` as a list) are one sequence of shards with global indices (``clip_dro.data.sources``);
+with ``data.weights`` the epoch is a virtual one drawn from (seed, e) (``lanes.plan_resampled_epoch``).
 
 Rank r reads lanes [r L/W, (r+1) L/W): its slice of the global batch, in order. With ``workers`` > 0 a torch
 DataLoader runs one worker per contiguous sub-block of the rank's lanes; each worker yields its piece of
@@ -23,9 +25,9 @@ reproduces the remaining batches. Shards are read as streams, from a local direc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,8 +38,9 @@ from clip_dro.config import DataConfig
 from clip_dro.data import lanes as plan
 from clip_dro.data.shard_reader import (DECODE_ERRORS, RawSample, ShardDataError, decode_rgb, parse_background,
                                        raw_sample, shard_samples)
+from clip_dro.data.sources import Source, TrainSources
 from clip_dro.errors import UserError
-from clip_dro.manifest import Location, Manifest, as_location, join_location, load_manifest
+from clip_dro.manifest import Location, Manifest, join_location
 
 
 class LoaderError(UserError):
@@ -104,19 +107,27 @@ def check_layout(data_dir: str | Path, num_shards: int, batch_size: int, world_s
 
 
 class TrainLoader:
-    """Per-process training batches of ``data_dir`` (a prep directory or its URL; see the module docstring).
+    """Per-process training batches of ``data_dir`` (a prep directory or its URL, several of them, or their
+    ``TrainSources``; see the module docstring).
 
-    ``batch_size``, ``workers``, ``background`` and ``on_bad_sample`` are the ``data.*`` keys as the config
-    validated them; their defaults are the config's.
+    ``batch_size``, ``workers``, ``background``, ``on_bad_sample``, ``weights`` and ``samples_per_epoch`` are
+    the ``data.*`` keys as the config validated them; their defaults are the config's. With ``weights`` an
+    epoch is ``samples_per_epoch`` samples drawn from the sources in those proportions
+    (``lanes.plan_resampled_epoch``); without, every sample of every source once.
     """
 
-    def __init__(self, data_dir: Location, preprocess: Callable, tokenizer: Callable[[list[str]], torch.Tensor],
-                 batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 workers: int = DataConfig.workers, lanes: Optional[int] = DataConfig.lanes,
+    def __init__(self, data_dir: Location | Sequence[Location] | TrainSources, preprocess: Callable,
+                 tokenizer: Callable[[list[str]], torch.Tensor], batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1, workers: int = DataConfig.workers, lanes: Optional[int] = DataConfig.lanes,
                  shuffle_buffer: int = DataConfig.shuffle_buffer, background: Any = DataConfig.background,
-                 on_bad_sample: str = DataConfig.on_bad_sample):
-        self.data_dir = as_location(data_dir)
-        self.manifest: Manifest = load_manifest(self.data_dir)
+                 on_bad_sample: str = DataConfig.on_bad_sample, weights: Optional[Sequence[float]] = None,
+                 samples_per_epoch: Optional[int] = None):
+        self.sources = data_dir if isinstance(data_dir, TrainSources) else TrainSources(data_dir)
+        self.data_dir = self.sources.name
+        if (weights is None) != (samples_per_epoch is None) or (weights is not None and len(weights) != len(self.sources)):
+            raise LoaderError(f"data.weights ({weights}) and data.samples_per_epoch ({samples_per_epoch}) go together, "
+                              f"one weight per source of data.train ({len(self.sources)})")
+        self.weights, self.samples_per_epoch = weights, samples_per_epoch
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -132,26 +143,35 @@ class TrainLoader:
         self.shuffle_buffer = shuffle_buffer
         self.background = parse_background(background)
         self.skip_bad = on_bad_sample == "skip"
-        self.lanes = check_layout(self.data_dir, len(self.manifest.shards), batch_size, world_size, workers, lanes)
+        self.lanes = check_layout(self.data_dir, self.sources.num_shards, batch_size, world_size, workers, lanes)
         # More workers than lanes would leave some idle: each worker reads whole lanes.
         self.workers = min(workers, self.lanes // world_size)
         self.per_lane = self.global_batch_size // self.lanes
-        self.shard_sizes = np.array([s.num_samples for s in self.manifest.shards], dtype=np.int64)
         self._plans: dict[int, plan.EpochPlan] = {}
         if self.steps_in_epoch(0) == 0:
-            raise LoaderError(f"{self.data_dir}: an epoch has no full step: it holds {self.manifest.num_samples} "
+            if samples_per_epoch is not None:
+                raise LoaderError(f"data.samples_per_epoch: {samples_per_epoch} is fewer than the global batch of "
+                                  f"{self.global_batch_size} (data.batch_size x processes): an epoch has no full step")
+            raise LoaderError(f"{self.data_dir}: an epoch has no full step: it holds {self.sources.num_samples} "
                               f"samples, fewer than the global batch of {self.global_batch_size}; lower "
                               "data.batch_size")
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest of a single-source loader."""
+        if len(self.sources) != 1:
+            raise AttributeError("a loader of several sources has no single manifest; see .sources")
+        return self.sources.sources[0].manifest
 
     @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
 
     def check_indices_fit(self, num_images: int, num_texts: int) -> None:
-        """Refuse loss state too small for the manifest's indices (a larger state is allowed)."""
-        m = self.manifest
+        """Refuse loss state too small for the sources' indices (a larger state is allowed)."""
+        m = self.sources
         if m.num_images > num_images or m.num_texts > num_texts:
-            raise LoaderError(f"{self.data_dir}: the manifest has {m.num_images} images and {m.num_texts} captions "
+            raise LoaderError(f"{self.data_dir}: the data has {m.num_images} images and {m.num_texts} captions "
                               f"but the loss state holds {num_images} images and {num_texts} captions")
 
     def plan(self, epoch: int) -> plan.EpochPlan:
@@ -159,12 +179,20 @@ class TrainLoader:
         if epoch not in self._plans:
             if len(self._plans) >= 2:
                 self._plans.pop(min(self._plans))
-            self._plans[epoch] = plan.plan_epoch(self.shard_sizes, self.lanes, self.per_lane, self.seed, epoch)
+            if self.weights is None:
+                self._plans[epoch] = plan.plan_epoch(self.sources.shard_sizes, self.lanes, self.per_lane, self.seed,
+                                                     epoch)
+            else:
+                self._plans[epoch] = plan.plan_resampled_epoch(
+                    self.sources.source_shard_sizes(), [s.shard_offset for s in self.sources.sources], self.weights,
+                    self.samples_per_epoch, self.lanes, self.per_lane, self.seed, epoch)
         return self._plans[epoch]
 
     def steps_in_epoch(self, epoch: int) -> int:
-        """Steps of ``epoch``: full global batches, from the manifest alone, so the same on every rank."""
-        return self.manifest.num_samples // self.global_batch_size
+        """Steps of ``epoch``: full global batches, from the manifests (or data.samples_per_epoch) alone, so the
+        same on every rank."""
+        samples = self.sources.num_samples if self.samples_per_epoch is None else self.samples_per_epoch
+        return samples // self.global_batch_size
 
     def lane_segments(self, epoch: int, lane: int) -> list[tuple[int, int, int]]:
         """(shard, first position, end position) pieces that lane ``lane`` reads in ``epoch``, in order."""
@@ -194,19 +222,19 @@ class TrainLoader:
     # --- worker side -------------------------------------------------------------------------------------
 
     def _lane_items(self, segments: list[tuple[int, int, int]], skip: int
-                    ) -> Iterator[tuple[Location, str, dict[str, bytes]]]:
-        """(shard, key, members) of a lane's items from item ``skip`` on; whole shards before it are not
-        opened."""
+                    ) -> Iterator[tuple[Source, Location, str, dict[str, bytes]]]:
+        """(source, shard, key, members) of a lane's items from item ``skip`` on; whole shards before it are
+        not opened."""
         for shard, lo, hi in segments:
             if skip >= hi - lo:
                 skip -= hi - lo
                 continue
-            info = self.manifest.shards[shard]
-            location = join_location(self.data_dir, info.name)
+            source, info = self.sources.shard(shard)
+            location = join_location(source.location, info.name)
             position = lo + skip
             try:
                 for _, key, members in shard_samples(location, info, lo + skip, hi):
-                    yield location, key, members
+                    yield source, location, key, members
                     position += 1
             except ShardDataError as exc:
                 if not self.skip_bad:
@@ -214,7 +242,7 @@ class TrainLoader:
                 # The shard cannot be read on from here: its remaining samples are all bad, the same ones
                 # on every run, so a resumed run skips exactly what this one skipped.
                 for missing in range(position, hi):
-                    yield location, f"{info.first_index + missing:09d}", _BadSample(str(exc))
+                    yield source, location, f"{info.first_index + missing:09d}", _BadSample(str(exc))
             skip = 0
 
     def lane_chunks(self, lane: int, epoch: int, start_step: int, steps: int) -> Iterator[list[RawSample]]:
@@ -233,9 +261,9 @@ class TrainLoader:
             want = set(wanted.tolist())
             found: dict[int, RawSample] = {}
             for item in range(first, first + size):
-                location, key, members = next(items)
+                source, location, key, members = next(items)
                 if item in want:
-                    found[item] = self._raw(location, key, members)
+                    found[item] = self._raw(source, location, key, members)
             for item in wanted.tolist():
                 chunk.append(found.pop(item))
                 if len(chunk) == c:
@@ -244,15 +272,22 @@ class TrainLoader:
         if items is not None:
             items.close()
 
-    def _raw(self, location: Location, key: str, members) -> RawSample | _BadSample:
+    def _raw(self, source: Source, location: Location, key: str, members) -> RawSample | _BadSample:
+        """The sample checked against its own source's manifest, its indices made global (see
+        ``clip_dro.data.sources``)."""
         if isinstance(members, _BadSample):
             return members
         try:
-            return raw_sample(location, key, members, self.manifest.num_images, self.manifest.num_texts)
+            sample = raw_sample(location, key, members, source.manifest.num_images, source.manifest.num_texts)
         except ShardDataError as exc:
             if not self.skip_bad:
                 raise
             return _BadSample(str(exc))
+        if source.sample_offset == source.image_offset == source.text_offset == 0:
+            return sample
+        return replace(sample, index=sample.index + source.sample_offset,
+                       image_index=sample.image_index + source.image_offset,
+                       text_index=[t + source.text_offset for t in sample.text_index])
 
     def decode(self, samples: list[RawSample | _BadSample], epoch: int) -> dict[str, Any]:
         """Images through ``preprocess`` (augmentation seeded per sample), one drawn caption each, tokenized.

@@ -334,19 +334,21 @@ def results_table(results: Sequence[dict[str, Any]]) -> str:
     return "\n\n".join(tables + (["\n".join(notes)] if notes else []))
 
 
-def _run_temperature_analysis(ckpt_dir: Path, train_dir: Optional[str]) -> None:
-    """The temperature analysis of a run with per-sample temperatures, with concepts when the training set
-    is at hand and records them."""
+def _run_temperature_analysis(ckpt_dir: Path, train_dirs: Optional[list[str]]) -> None:
+    """The temperature analysis of a run with per-sample temperatures, with concepts when the training sets
+    are at hand and record them."""
     if not ((ckpt_dir / TEMPERATURES_DIR).is_dir() or (ckpt_dir / TEMPERATURES_FILE).is_file()):
         return
-    if train_dir is not None and is_url(train_dir):
+    remote = [d for d in train_dirs or () if is_url(d)]
+    missing = [d for d in train_dirs or () if not is_url(d) and not Path(d).is_dir()]
+    if remote:
         # Concepts would mean streaming every training shard once: not worth it at web scale.
-        print(f"temperature analysis: training set {train_dir} is remote; analysing the distribution only")
-        train_dir = None
-    elif train_dir is not None and not Path(train_dir).is_dir():
-        print(f"temperature analysis: training set {train_dir} not found; analysing the distribution only")
-        train_dir = None
-    summary = analyze_temperatures(ckpt_dir, train_dir, ckpt_dir / ANALYSIS_DIR)
+        print(f"temperature analysis: training set {remote[0]} is remote; analysing the distribution only")
+        train_dirs = None
+    elif missing:
+        print(f"temperature analysis: training set {missing[0]} not found; analysing the distribution only")
+        train_dirs = None
+    summary = analyze_temperatures(ckpt_dir, train_dirs, ckpt_dir / ANALYSIS_DIR)
     correlation = summary["concept_frequency"]
     detail = "" if correlation is None else ", Spearman(τ, concept frequency): " + ", ".join(
         f"{side} {c['spearman']:.3f}" if c["spearman"] is not None else f"{side} n/a" for side, c in correlation.items())

@@ -4,8 +4,9 @@ frequency where the training data records it (the paper's claim: frequent semant
 Inputs: a checkpoint's temperatures, read by ``clip_dro.checkpoint.read_temperatures``: its per-shard
 ``temperatures/shard-R-of-W.npz`` (arrays ``image_index``, ``image_tau``, ``text_index``, ``text_tau``), or a
 ``temperatures.csv`` (columns ``side,index,tau``; side ``image`` or ``text``, index the global image or text
-index); and optionally the training prep directory, whose samples' ``.json`` record ``concept`` and
-``concept_frequency`` (the synthetic set does). Only the ``.json`` members are read.
+index); and optionally the training prep directory (or the list of them a run trained on: their indices are
+made global as the trainer made them, ``clip_dro.data.sources``), whose samples' ``.json`` record ``concept``
+and ``concept_frequency`` (the synthetic set does). Only the ``.json`` members are read.
 
 Outputs in ``output_dir``: ``tau_histogram.png``; with concepts also ``tau_vs_frequency.png`` (every sample
 and the per-concept mean τ against frequency) and ``per_concept.csv`` (per concept: frequency, counts and
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -24,6 +25,7 @@ from matplotlib.ticker import NullFormatter
 
 from clip_dro.checkpoint import SIDES, TemperatureError, read_temperatures
 from clip_dro.data.eval_sets import iter_sample_json, require_dir
+from clip_dro.data.sources import TrainSources
 
 _MAX_SCATTER_POINTS = 20000
 # Means of equal temperatures can differ in their last bits (0.05 x 3 / 3 != 0.05); unrounded, they would rank
@@ -31,9 +33,31 @@ _MAX_SCATTER_POINTS = 20000
 _MEAN_DECIMALS = 12
 
 
-def read_concepts(train_dir: str | Path) -> Optional[dict[str, pd.DataFrame]]:
-    """Per side, a frame index -> (concept, concept_frequency) from the training samples' ``.json``; None when
-    the set does not record concepts (its first sample has no ``concept``/``concept_frequency``)."""
+TrainDirs = str | Path | Sequence[str | Path]
+
+
+def _directories(train_dir: TrainDirs) -> list[str | Path]:
+    return [train_dir] if isinstance(train_dir, (str, Path)) else list(train_dir)
+
+
+def read_concepts(train_dir: TrainDirs) -> Optional[dict[str, pd.DataFrame]]:
+    """Per side, a frame global index -> (concept, concept_frequency) from the training samples' ``.json``
+    (of every source, indices shifted by the source's offsets); None when a source does not record concepts."""
+    directories = _directories(train_dir)
+    if len(directories) == 1:
+        return _source_concepts(directories[0])
+    frames: dict[str, list[pd.DataFrame]] = {side: [] for side in SIDES}
+    for source in TrainSources(directories).sources:
+        concepts = _source_concepts(source.location)
+        if concepts is None:
+            return None
+        for side, offset in (("image", source.image_offset), ("text", source.text_offset)):
+            frames[side].append(concepts[side].assign(index=concepts[side]["index"] + offset))
+    return {side: pd.concat(f, ignore_index=True) for side, f in frames.items()}
+
+
+def _source_concepts(train_dir: str | Path) -> Optional[dict[str, pd.DataFrame]]:
+    """``read_concepts`` of one prep directory, with its own indices."""
     train_dir = require_dir(train_dir, "training set")
     rows: dict[str, list[tuple]] = {"image": [], "text": []}
     for number, meta in enumerate(iter_sample_json(train_dir)):
@@ -93,7 +117,7 @@ def _plot_frequency(joined: dict[str, pd.DataFrame], per_concept: pd.DataFrame, 
     fig.savefig(path, dpi=100)
 
 
-def _join(temps: pd.DataFrame, concepts: pd.DataFrame, side: str, source: Path, train_dir: Path) -> pd.DataFrame:
+def _join(temps: pd.DataFrame, concepts: pd.DataFrame, side: str, source: Path, train_dir: str) -> pd.DataFrame:
     joined = temps.merge(concepts, on="index", how="left")
     unknown = joined["concept_frequency"].isna()
     if unknown.any():
@@ -103,7 +127,7 @@ def _join(temps: pd.DataFrame, concepts: pd.DataFrame, side: str, source: Path, 
     return joined
 
 
-def analyze_temperatures(temperatures: str | Path, train_dir: Optional[str | Path],
+def analyze_temperatures(temperatures: str | Path, train_dir: Optional[TrainDirs],
                          output_dir: str | Path) -> dict[str, Any]:
     """Write the plots, tables and ``summary.json`` described in the module docstring; return the summary.
     ``temperatures`` as in :func:`read_temperatures`."""
@@ -117,13 +141,13 @@ def analyze_temperatures(temperatures: str | Path, train_dir: Optional[str | Pat
     _plot_histograms({side: t["tau"] for side, t in taus.items()}, output_dir / "tau_histogram.png")
     summary: dict[str, Any] = {
         "temperatures": str(temperatures),
-        "train_dir": str(train_dir) if train_dir is not None else None,
+        "train_dir": " + ".join(map(str, _directories(train_dir))) if train_dir is not None else None,
         "distribution": {side: _distribution(t["tau"]) for side, t in taus.items() if len(t)},
         "concept_frequency": None,
         "files": ["tau_histogram.png"],
     }
     if concepts is not None:
-        joined = {side: _join(taus[side], concepts[side], side, temperatures, Path(train_dir)) for side in SIDES}
+        joined = {side: _join(taus[side], concepts[side], side, temperatures, summary["train_dir"]) for side in SIDES}
         per_side = [j.groupby(["concept", "concept_frequency"])["tau"].agg(["count", "mean"])
                     .rename(columns={"count": f"num_{side}", "mean": f"tau_{side}_mean"}) for side, j in joined.items()]
         per_concept = (pd.concat(per_side, axis=1).round(_MEAN_DECIMALS).reset_index()
