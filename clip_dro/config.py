@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -238,8 +239,9 @@ def check_loss_hyperparameters(*, gamma: float, rho: float, tau_init: float, tau
 
 
 def _source_key(location: str) -> str:
-    """What makes two data.train entries the same source: the resolved path, or the URL as written."""
-    return location.rstrip("/") if is_url(location) else str(Path(location).expanduser().resolve())
+    """What makes two data.train entries the same source: the absolute path (from the text alone: nothing is
+    opened before the config is valid), or the URL as written."""
+    return location.rstrip("/") if is_url(location) else os.path.abspath(os.path.expanduser(location))
 
 
 def _check_sources(d: DataConfig) -> None:

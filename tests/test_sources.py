@@ -146,24 +146,27 @@ def cli_args(dirs, out, **extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> list[Path]:
-    """Two synthetic sets (96 and 64 samples, 6 and 4 shards), both recording concepts."""
+    """Two synthetic sets (96 and 64 samples, 6 and 4 shards), both recording concepts, and a third (32) that
+    no run trains on."""
     root = tmp_path_factory.mktemp("synthetic_sources")
-    for name, count, seed in (("a", 96, 1), ("b", 64, 2)):
+    for name, count, seed in (("a", 96, 1), ("b", 64, 2), ("c", 32, 3)):
         prep_synthetic(output=root / name, num_train=count, seed=seed, workers=1)
-    return [root / "a/train", root / "b/train"]
+    return [root / "a/train", root / "b/train", root / "c/train"]
 
 
 @pytest.fixture(scope="module")
 def two_source_run(synthetic, tmp_path_factory) -> Path:
     """One epoch (160 samples = 10 global batches of 16) over both sources, on 2 processes."""
     out = tmp_path_factory.mktemp("two_sources") / "run"
-    done = launch.run(cli_args(synthetic, out, **{"data.batch_size": 8, "train.checkpoint_every": 5}), nproc=2)
+    done = launch.run(cli_args(synthetic[:2], out, **{"data.batch_size": 8, "train.epochs": 1,
+                                                      "train.checkpoint_every": 5}), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
 @pytest.mark.slow
 def test_two_source_run_layout_state_and_temperatures(synthetic, two_source_run):
+    synthetic = synthetic[:2]
     final = two_source_run / "final"
     manifests = [json.loads((d / "manifest.json").read_text()) for d in synthetic]
     state = TrainerState.read(final)
@@ -195,6 +198,7 @@ def test_two_source_run_layout_state_and_temperatures(synthetic, two_source_run)
 
 @pytest.mark.slow
 def test_weighted_run_same_at_one_and_two_processes_and_on_resume(synthetic, tmp_path):
+    synthetic = synthetic[:2]
     """Weights 1:3, virtual epochs of 48 samples (3 steps), 6 steps: one process, two processes and a resume
     from step 3 train the same run."""
     weighted = {"data.weights": "[1,3]", "data.samples_per_epoch": 48, "train.max_steps": 6,
@@ -220,10 +224,7 @@ def test_weighted_run_same_at_one_and_two_processes_and_on_resume(synthetic, tmp
     ([0, 1, 2], "sources added"),
 ])
 def test_resume_refuses_other_sources(synthetic, two_source_run, tmp_path, capsys, order, why):
-    third = tmp_path / "c"
-    prep_synthetic(output=third, num_train=32, seed=3, workers=1)
-    dirs = [*synthetic, third / "train"]
-    code = main(cli_args([dirs[k] for k in order], tmp_path / "r", **{
+    code = main(cli_args([synthetic[k] for k in order], tmp_path / "r", **{
         "data.batch_size": 16, "train.resume": two_source_run / "checkpoints/step-5"}))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("clip-dro train: error: checkpoint"), err
@@ -270,3 +271,19 @@ def test_single_string_and_old_checkpoints_stay_valid(two, tmp_path):
     read = TrainerState.read(tmp_path)
     assert read.sources is None and read.recorded_sources() == [
         {"dataset_id": "abc", "num_images": 5, "num_texts": 7, "image_offset": 0, "text_offset": 0}]
+
+
+def test_readme_example_is_a_valid_config(tmp_path):
+    """The README's data section shows a multi-source config; it loads as written."""
+    import re
+
+    import yaml
+
+    from clip_dro.config import load_config
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"^```yaml\n(.*?)^```", readme, flags=re.S | re.M) if "samples_per_epoch" in b]
+    (tmp_path / "sources.yaml").write_text(block)
+    data = load_config(tmp_path / "sources.yaml").data
+    assert data.train == yaml.safe_load(block)["data"]["train"] and data.weights == [1.0, 3.0]
+    assert data.samples_per_epoch == 4_000_000
