@@ -68,8 +68,8 @@ def check_pairs(dirs, batch: dict[str, torch.Tensor]) -> None:
     """Every row's global image and caption indices are its source's own plus the source's offsets."""
     image_offsets, text_offsets = offsets(dirs)
     widths = [size[0] for _, size in SIZES.values()]
-    captions = [{(s["meta"]["image_index"], j): t for s in read_dataset(d) for j, t in enumerate(s["meta"]["text_index"])}
-                for d in dirs]
+    captions = [{(s["meta"]["image_index"], j): t for s in read_dataset(d)
+                 for j, t in enumerate(s["meta"]["text_index"])} for d in dirs]
     for (width, image_id), (token_id, j), g_image, g_text in zip(
             batch["images"].tolist(), batch["tokens"].tolist(), batch["image_index"].tolist(),
             batch["text_index"].tolist()):

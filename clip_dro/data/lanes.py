@@ -38,8 +38,8 @@ def _rng(*key: int) -> np.random.Generator:
 @dataclass(frozen=True)
 class EpochPlan:
     """The lanes of one epoch: ``order`` (shard ids in epoch order; a shard drawn twice is there twice),
-    ``offsets`` (item offset of each of them in the epoch's sequence, plus the total), ``cuts`` (the lanes' item ranges: lane l holds
-    [cuts[l], cuts[l + 1])) and ``steps`` (full global batches in the epoch)."""
+    ``offsets`` (item offset of each of them in the epoch's sequence, plus the total), ``cuts`` (the lanes'
+    item ranges: lane l holds [cuts[l], cuts[l + 1])) and ``steps`` (full global batches in the epoch)."""
 
     order: np.ndarray
     offsets: np.ndarray

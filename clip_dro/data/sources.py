@@ -55,8 +55,8 @@ class TrainSources:
             location = as_location(location)
             manifest = load_manifest(location)
             self.sources.append(Source(location, manifest, samples, images, texts, shards))
-            samples, images, texts = samples + manifest.num_samples, images + manifest.num_images, texts + manifest.num_texts
-            shards += len(manifest.shards)
+            samples, images = samples + manifest.num_samples, images + manifest.num_images
+            texts, shards = texts + manifest.num_texts, shards + len(manifest.shards)
         self.num_samples, self.num_images, self.num_texts = samples, images, texts
         self.shard_sizes = np.array([s.num_samples for src in self.sources for s in src.manifest.shards],
                                     dtype=np.int64)

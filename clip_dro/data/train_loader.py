@@ -29,7 +29,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -124,7 +123,7 @@ class TrainLoader:
                  samples_per_epoch: Optional[int] = None):
         self.sources = data_dir if isinstance(data_dir, TrainSources) else TrainSources(data_dir)
         self.data_dir = self.sources.name
-        if (weights is None) != (samples_per_epoch is None) or (weights is not None and len(weights) != len(self.sources)):
+        if (weights is None) != (samples_per_epoch is None) or len(weights or self.sources) != len(self.sources):
             raise LoaderError(f"data.weights ({weights}) and data.samples_per_epoch ({samples_per_epoch}) go together, "
                               f"one weight per source of data.train ({len(self.sources)})")
         self.weights, self.samples_per_epoch = weights, samples_per_epoch
