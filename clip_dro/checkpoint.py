@@ -126,7 +126,8 @@ class TrainerState:
 RESUMABLE_CHANGES = ("data.train", "data.batch_size", "data.lanes", "data.workers", "data.on_bad_sample",
                      "train.output_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.log_every", "train.eval_every", "train.collective_timeout_s", "train.on_nonfinite",
-                     "train.accum_steps", "train.init_from", "train.init_optimizer", "eval.", "model.pretrained", "model.text_tower", "loss.state_device")
+                     "train.accum_steps", "train.init_from", "train.init_optimizer", "eval.", "model.pretrained",
+                     "model.text_tower", "loss.state_device")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -429,11 +430,16 @@ def load_checkpoint(acc: Accelerator, directory: Path, loss_fn: ContrastiveLoss)
     return state
 
 
-def resolve_init_from(init_from: Optional[str], manifest: Manifest, model_name: str, loss_name: str) -> Optional[Path]:
-    """``train.init_from``: None, or a complete checkpoint directory of the same dataset, model and loss."""
+def resolve_init_from(init_from: Optional[str], run_dir: Path, manifest: Manifest, model_name: str,
+                      loss_name: str) -> Optional[Path]:
+    """``train.init_from``: None, or a complete checkpoint directory of the same dataset, model and loss,
+    outside the new run's directory ``run_dir`` (whose checkpoints and metrics the new run replaces)."""
     if init_from is None:
         return None
     path = Path(init_from)
+    if path.resolve().is_relative_to(run_dir.resolve()):
+        raise CheckpointError(f"train.init_from: {path} lies in train.output_dir {run_dir}, which the new run "
+                              "would overwrite; give the new run another train.output_dir")
     if not (path / TRAINER_STATE).is_file():
         raise CheckpointError(f"train.init_from: {path} is not a complete checkpoint directory ({TRAINER_STATE} "
                               "missing)")

@@ -86,7 +86,8 @@ class TowerForward:
         grads = zip(image.grad.chunk(self.micro_batches), text.grad.chunk(self.micro_batches))
         running = _snapshot(train_mode_batchnorm(self.model))
         last = len(self._inputs) - 1
-        for number, ((chunk_images, chunk_tokens, random_state), (d_image, d_text)) in enumerate(zip(self._inputs, grads)):
+        for number, ((chunk_images, chunk_tokens, random_state), (d_image, d_text)) in enumerate(
+                zip(self._inputs, grads)):
             # DDP all-reduces on the last micro-batch only, the gradients summed over all of them by then.
             sync = nullcontext() if number == last else self.accelerator.no_sync(self.model)
             with random_state.replay(), sync:

@@ -118,7 +118,7 @@ class Trainer:
         self.resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         if self.resume_from is not None:
             check_resumable(self.resume_from, cfg, self.manifest, self.global_batch, self.lanes)
-        init_from = resolve_init_from(cfg.train.init_from, self.manifest, cfg.model.name, cfg.loss.name)
+        init_from = resolve_init_from(cfg.train.init_from, self.run_dir, self.manifest, cfg.model.name, cfg.loss.name)
 
         set_seed(cfg.train.seed)
         self.bundle = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.text_tower,

@@ -106,6 +106,8 @@ def test_init_from_refusals_are_one_line(data, tmp_path):
                     rf"{manifest.num_images} images",
         str(fake_checkpoint(tmp_path / "clip", manifest, loss_name="clip")): "train.init_from: .*loss.name 'isogclr'",
         str(tmp_path / "nothing"): r"train.init_from: .*nothing is not a complete checkpoint directory",
+        str(fake_checkpoint(tmp_path / "run/final", manifest)): r"train.init_from: .*run/final lies in "
+                                                                 r"train.output_dir .*run, which the new run would",
     }
     for init_from, message in refusals.items():
         with pytest.raises(CheckpointError, match=message) as caught:
