@@ -37,6 +37,8 @@ def pretrained(data, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_warm_start_loads_weights_every_temperature_and_optionally_the_optimizer(data, pretrained, tmp_path):
+    for run in ("b", "c"):
+        (tmp_path / run).mkdir()  # as train() does before building the Trainer
     cfg = load_config(TINY, overrides(data, tmp_path / "b", **{"train.init_from": str(pretrained),
                                                                 "train.init_optimizer": "true", "train.lr": 2e-4,
                                                                 "train.max_steps": 10}))
@@ -52,7 +54,9 @@ def test_warm_start_loads_weights_every_temperature_and_optionally_the_optimizer
     loaded = trainer.optimizer.state_dict()
     assert loaded["state"].keys() == moments.keys()
     assert all(torch.equal(loaded["state"][i]["exp_avg"], moments[i]["exp_avg"]) for i in moments)
-    assert all(group["lr"] == 0.0 for group in loaded["param_groups"])  # this run's warm-up starts at 0
+    # This run's learning rate and schedule, not the checkpoint's (lr 1e-3 at the end of its cosine).
+    assert [g["lr"] for g in loaded["param_groups"]] == trainer.scheduler.get_last_lr()
+    assert all(g["initial_lr"] == 2e-4 for g in loaded["param_groups"])
     without = Trainer(load_config(TINY, overrides(data, tmp_path / "c", **{"train.init_from": str(pretrained)})),
                       _accelerator("fp32", tmp_path / "c", 60))
     assert without.optimizer.state_dict()["state"] == {}
