@@ -9,7 +9,7 @@ from accelerate import Accelerator
 
 from clip_dro.bench import launch
 from clip_dro.bench.accum_memory import bench_accum_memory
-from clip_dro.checkpoint import read_loss_state
+from clip_dro.checkpoint import CheckpointError, check_same_settings, read_loss_state
 from clip_dro.config import ConfigError, load_config
 from clip_dro.grad_cache import TowerForward
 from clip_dro.models import build_model
@@ -62,6 +62,15 @@ def test_accum_steps_must_divide_the_batch():
         load_config(TINY, ["data.batch_size=16", "train.accum_steps=3"])
     with pytest.raises(ConfigError, match="train.accum_steps: 0 must be >= 1"):
         load_config(TINY, ["train.accum_steps=0"])
+
+
+def test_a_run_may_resume_with_another_number_of_micro_batches():
+    def settings(*keys: str) -> dict:
+        return load_config(TINY, ["data.batch_size=16", *keys]).to_dict()
+
+    check_same_settings(Path("ckpt"), settings(), settings("train.accum_steps=4"))
+    with pytest.raises(CheckpointError, match="train.max_steps = None, this run has 9"):
+        check_same_settings(Path("ckpt"), settings(), settings("train.max_steps=9"))
 
 
 @pytest.mark.slow
