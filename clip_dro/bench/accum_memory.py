@@ -1,19 +1,22 @@
 """Peak activation memory of one training step, the global batch whole against gradient caching
 (``train.accum_steps``), each measured in a fresh process so that one's peak cannot hide the other's.
 
-On the CPU the figure is the growth of the process's peak resident memory (``ru_maxrss``) over one step at
-the full batch, after a step at a tiny batch has allocated the gradients and AdamW's moments; on a GPU it is
-``torch.cuda.max_memory_allocated`` above what was allocated before the step. Either way it is what the step
+On the CPU (Linux) the figure is the process's peak resident memory during one step at the full batch above
+its resident memory before it: after a step at a tiny batch has allocated the gradients and AdamW's moments,
+free heap memory is handed back (``malloc_trim``) and the kernel's peak counter reset (``/proc/self/clear_refs``),
+so earlier peaks and cached memory do not hide the step's; on a GPU it is ``torch.cuda.max_memory_allocated``
+above what was allocated before the step. Either way it is what the step
 adds beyond model, gradients and optimizer state: activations (one micro-batch's with caching), the loss's
 B x B blocks and the cached features.
 """
 from __future__ import annotations
 
+import ctypes
 import json
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -22,8 +25,19 @@ from clip_dro.bench.train_step import step_setup
 from clip_dro.grad_cache import TowerForward
 
 
-def _rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (``VmRSS``, ``VmHWM``: the peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_rss_peak() -> int:
+    """Return free heap memory to the system and restart the peak counter; the resident bytes now."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_bytes("VmRSS")
 
 
 def measure_step(model_name: str, batch_size: int, accum_steps: int, device: str, num_samples: int = 10_000) -> dict:
@@ -53,14 +67,14 @@ def measure_step(model_name: str, batch_size: int, accum_steps: int, device: str
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
     else:
-        before = _rss_peak_bytes()
+        before = _reset_rss_peak()
     start = time.perf_counter()
     step(batch_size)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - before
     else:
-        peak = _rss_peak_bytes() - before
+        peak = _status_bytes("VmHWM") - before
     return {"peak_bytes": peak, "seconds": time.perf_counter() - start}
 
 
@@ -74,7 +88,7 @@ def bench_accum_memory(model_name: str = "tiny-vit", batch_size: int = 128, accu
                               capture_output=True, text=True, check=True)
         measured[k] = json.loads(proc.stdout.strip().splitlines()[-1])
     ours, base = measured[accum_steps], measured[1]
-    how = "CUDA max_memory_allocated" if device == "cuda" else "peak RSS growth (ru_maxrss)"
+    how = "CUDA max_memory_allocated" if device == "cuda" else "peak RSS (VmHWM, reset) over RSS before"
     return {"case": "accum_memory", "model": model_name, "B": batch_size, "accum_steps": accum_steps,
             "device": device, "ours_s": ours["seconds"], "baseline_s": base["seconds"],
             "ratio": ours["peak_bytes"] / base["peak_bytes"], "target": 1.0 / accum_steps,
