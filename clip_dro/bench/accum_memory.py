@@ -90,7 +90,7 @@ def bench_accum_memory(model_name: str = "tiny-vit", batch_size: int = 128, accu
     ours, base = measured[accum_steps], measured[1]
     how = "CUDA max_memory_allocated" if device == "cuda" else "peak RSS (VmHWM, reset) over RSS before"
     return {"case": "accum_memory", "model": model_name, "B": batch_size, "accum_steps": accum_steps,
-            "device": device, "ours_s": ours["seconds"], "baseline_s": base["seconds"],
+            "device": device, "ours_step_s": ours["seconds"], "baseline_step_s": base["seconds"],
             "ratio": ours["peak_bytes"] / base["peak_bytes"], "target": 1.0 / accum_steps,
             "bytes_per_process": ours["peak_bytes"], "baseline_bytes": base["peak_bytes"],
             "note": f"ours: train.accum_steps={accum_steps}, baseline: 1, same global batch; ratio of the step's "
