@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import Accelerator
+from accelerate.utils import OPTIMIZER_NAME
 
 from clip_dro.config import Config, load_config, save_config
 from clip_dro.distributed import sum_over_processes
@@ -148,12 +149,15 @@ class TrainerState:
 # Settings a resumed run may change: they do not alter what it computes (where files are, how often to log,
 # save and evaluate, what to evaluate, how many workers decode). data.batch_size and data.lanes are compared
 # as the global batch and the resolved number of lanes (TrainerState.check_same_sequence); the weights a
-# run started from are in the checkpoint. What to do with a bad sample or a non-finite batch may change too:
+# run started from are in the checkpoint (train.init_from's included). Gradient caching (train.accum_steps) changes
+# the memory a step takes, not what it computes (up to rounding), so a run that ran out of memory can resume
+# with more micro-batches. What to do with a bad sample or a non-finite batch may change too:
 # a run stopped by one resumes with data.on_bad_sample=skip (or train.on_nonfinite=skip) to get past it.
 RESUMABLE_CHANGES = ("data.train", "data.batch_size", "data.lanes", "data.workers", "data.on_bad_sample",
                      "train.output_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.log_every", "train.eval_every", "train.collective_timeout_s", "train.on_nonfinite",
-                     "eval.", "model.pretrained", "model.text_tower", "loss.state_device")
+                     "train.accum_steps", "train.init_from", "train.init_optimizer", "eval.", "model.pretrained",
+                     "model.text_tower", "loss.state_device")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -174,8 +178,9 @@ def check_same_settings(directory: Path, saved: dict, current: dict) -> None:
         if key.startswith(RESUMABLE_CHANGES) or old.get(key) == new.get(key):
             continue
         raise CheckpointError(f"checkpoint {directory} was written with {key} = {old.get(key)!r}, this run has "
-                              f"{new.get(key)!r}: resuming would not continue the same run; use the same value "
-                              "or another train.output_dir")
+                              f"{new.get(key)!r}: resuming would not continue the same run; use the same value, "
+                              f"or start a new run from it with train.init_from={directory} and another "
+                              "train.output_dir")
 
 
 def check_resumable(directory: Path, config: Config, sources: TrainSources, global_batch: int, lanes: int) -> None:
@@ -459,6 +464,47 @@ def load_checkpoint(acc: Accelerator, directory: Path, loss_fn: ContrastiveLoss)
         raise CheckpointError(f"checkpoint {directory} cannot be loaded ({first_line(exc)}); resume from "
                               "another checkpoint (train.resume=PATH)") from None
     return state
+
+
+def resolve_init_from(init_from: Optional[str], run_dir: Path, sources: TrainSources, model_name: str,
+                      loss_name: str) -> Optional[Path]:
+    """``train.init_from``: None, or a complete checkpoint directory of the same dataset, model and loss,
+    outside the new run's directory ``run_dir`` (whose checkpoints and metrics the new run replaces)."""
+    if init_from is None:
+        return None
+    path = Path(init_from)
+    if path.resolve().is_relative_to(run_dir.resolve()):
+        raise CheckpointError(f"train.init_from: {path} lies in train.output_dir {run_dir}, which the new run "
+                              "would overwrite; give the new run another train.output_dir")
+    if not (path / TRAINER_STATE).is_file():
+        raise CheckpointError(f"train.init_from: {path} is not a complete checkpoint directory ({TRAINER_STATE} "
+                              "missing)")
+    try:
+        TrainerState.read(path).check_compatible(path, sources.dataset_id, sources.num_images,
+                                                 sources.num_texts, model_name, loss_name)
+    except CheckpointError as exc:
+        raise CheckpointError(f"train.init_from: {exc}") from None
+    return path
+
+
+def load_warm_start(directory: Path, model: torch.nn.Module, loss_fn: ContrastiveLoss,
+                    optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """Start a new run from checkpoint ``directory``: the model's weights (``model.pt``), every per-sample state
+    (re-sharded for this run's processes) with the loss's step and epoch counters back at 0 (this run's warm-up
+    and γ schedule start afresh), and, given an ``optimizer``, its moments and step counts (the learning rate
+    and other hyperparameters stay this run's)."""
+    try:
+        model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
+        shards = [{**shard, "step": torch.zeros_like(shard["step"]), "epoch": torch.zeros_like(shard["epoch"])}
+                  for shard in loss_state_shards(directory)]
+        loss_fn.load_state_shards(shards)
+        if optimizer is not None:
+            saved = torch.load(directory / f"{OPTIMIZER_NAME}.bin", map_location="cpu", weights_only=True)
+            optimizer.load_state_dict({**optimizer.state_dict(), "state": saved["state"]})
+    except UserError:
+        raise
+    except Exception as exc:  # truncated or damaged files, or weights of another architecture
+        raise CheckpointError(f"train.init_from: checkpoint {directory} cannot be loaded ({first_line(exc)})") from None
 
 
 def publish(tmp_dir: Path, final_dir: Path) -> None:

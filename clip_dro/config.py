@@ -91,6 +91,13 @@ class TrainConfig:
     # How long a process waits in a collective (all-reduce, barrier) before giving up: a peer that died or
     # hangs then ends the run with an error instead of a silent wait. Long enough for the slowest evaluation.
     collective_timeout_s: int = 1800
+    # Gradient caching: each process's batch goes through the towers in this many micro-batches (features
+    # first without a graph, then again with it), the loss once on the whole batch: the same step in less memory.
+    accum_steps: int = 1
+    # A checkpoint directory to start a new run from (step 0, this config's schedule): its weights and
+    # per-sample loss state, and with init_optimizer also its optimizer state.
+    init_from: Optional[str] = None
+    init_optimizer: bool = False
 
 
 @dataclass
@@ -297,6 +304,14 @@ def validate(cfg: Config) -> Config:
     _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0: only at the end)")
     _check(t.collective_timeout_s >= 1, "train.collective_timeout_s", t.collective_timeout_s, "must be >= 1")
+    _check(t.accum_steps >= 1, "train.accum_steps", t.accum_steps, "must be >= 1")
+    _check(d.batch_size % t.accum_steps == 0, "train.accum_steps", t.accum_steps,
+           f"must divide data.batch_size ({d.batch_size}) into equal micro-batches")
+    _check(t.init_from is None or t.resume is None, "train.init_from", t.init_from,
+           f"starts a new run and cannot be combined with train.resume ({t.resume!r}); a run started "
+           "from a checkpoint resumes with train.init_from=null")
+    _check(t.init_from is not None or not t.init_optimizer, "train.init_optimizer", t.init_optimizer,
+           "needs train.init_from (the checkpoint whose optimizer state to load)")
     _check(t.grad_clip_norm is None or t.grad_clip_norm > 0, "train.grad_clip_norm", t.grad_clip_norm, "must be > 0")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
     _check(cfg.eval.workers >= 0, "eval.workers", cfg.eval.workers, "must be >= 0")

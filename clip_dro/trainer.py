@@ -19,13 +19,15 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from clip_dro.checkpoint import TrainerState, check_resumable, load_checkpoint, prune, resolve_resume, save_checkpoint
+from clip_dro.checkpoint import (TrainerState, check_resumable, load_checkpoint, load_warm_start, prune,
+                                 resolve_init_from, resolve_resume, save_checkpoint)
 from clip_dro.config import Config, load_config, save_config
 from clip_dro.data.sources import TrainSources
 from clip_dro.data.train_loader import TrainBatch, TrainLoader, check_layout
 from clip_dro.distributed import from_main, join_processes, peer_failures_in_one_line, sum_over_processes
 from clip_dro.errors import UserError
 from clip_dro.evaluation.periodic import PeriodicEvaluation, describe
+from clip_dro.grad_cache import TowerForward, describe_batchnorm
 from clip_dro.losses import build_loss
 from clip_dro.models import build_model
 from clip_dro.optim import build_optimizer, warmup_cosine
@@ -116,6 +118,7 @@ class Trainer:
         self.resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         if self.resume_from is not None:
             check_resumable(self.resume_from, cfg, self.sources, self.global_batch, self.lanes)
+        init_from = resolve_init_from(cfg.train.init_from, self.run_dir, self.sources, cfg.model.name, cfg.loss.name)
 
         set_seed(cfg.train.seed)
         self.bundle = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.text_tower,
@@ -143,11 +146,18 @@ class Trainer:
         # The schedule is by global step; accelerate's scheduler wrapper would step it once per process.
         self.scheduler = warmup_cosine(optimizer, cfg.train.warmup_steps, self.total_steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.towers = TowerForward(acc, self.model, cfg.train.accum_steps)
+        note = describe_batchnorm(model, cfg.train.accum_steps)
+        if note and acc.is_main_process:
+            log.warning(note)
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.saved_step: Optional[int] = None  # the step of the checkpoint last written or resumed from
         if self.resume_from is not None:
             self._load(self.resume_from)
             self.saved_step = self.global_step
+        elif init_from is not None:
+            load_warm_start(init_from, model, self.loss_fn, self.optimizer if cfg.train.init_optimizer else None)
+            acc.print(f"started from {init_from}" + (" with its optimizer state" if cfg.train.init_optimizer else ""))
         if acc.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")
             _forget_metrics_after(self.run_dir / "metrics.jsonl", self.global_step)
@@ -216,8 +226,7 @@ class Trainer:
                 return None, stop
         images = batch.images.to(acc.device, non_blocking=True)
         tokens = batch.tokens.to(acc.device, non_blocking=True)
-        with acc.autocast():
-            image_features, text_features, _ = self.model(images, tokens)
+        image_features, text_features = self.towers.features(images, tokens)
         finite = bool(torch.isfinite(image_features).all() and torch.isfinite(text_features).all())
         # The stop flag is read here, after the forward pass: a signal that arrives during this step stops
         # the run after it, on every process at once.
@@ -235,6 +244,7 @@ class Trainer:
         # The losses compute their own parameters' gradients (CLIP's logit scale) globally, identical on every
         # process, so only the model's gradients need DDP's averaging.
         acc.backward(loss)
+        self.towers.backward_towers(image_features, text_features)
         if self.cfg.train.grad_clip_norm is not None:
             acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip_norm)
         self.optimizer.step()

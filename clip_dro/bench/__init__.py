@@ -13,6 +13,7 @@ def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096
               prep_images: int = 2000, state_ids: int = 1_000_000, checkpoint_ids: int = 50_000_000,
               eval_images: int = 5000, eval_classes: int = 1000) -> dict[str, Any]:
     """Run every case, print the table, write ``{"results": [...]}`` to ``output``."""
+    from clip_dro.bench.accum_memory import bench_accum_memory
     from clip_dro.bench.eval_speed import bench_eval_speed
     from clip_dro.bench.lane_schedule import bench_lane_schedule
     from clip_dro.bench.loader import bench_loader
@@ -28,6 +29,7 @@ def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096
     results: list[dict[str, Any]] = list(bench_loss_step(batch_sizes=loss_batch_sizes, dim=512))
     step = bench_train_step("tiny-vit", batch_size=train_batch)
     results.append(step)
+    results.append(bench_accum_memory("tiny-vit", batch_size=train_batch, accum_steps=4))
 
     cfg = load_config(CONFIGS_DIR / "tiny_cpu.yaml")
     with tempfile.TemporaryDirectory() as tmp:
