@@ -82,6 +82,8 @@ class TrainConfig:
     # How long a process waits in a collective (all-reduce, barrier) before giving up: a peer that died or
     # hangs then ends the run with an error instead of a silent wait. Long enough for the slowest evaluation.
     collective_timeout_s: int = 1800
+    # Where metrics go: jsonl (metrics.jsonl in the run directory), tensorboard, wandb (each its extra).
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
@@ -106,7 +108,7 @@ STATE_DEVICES: tuple[str, ...] = typing.get_args(StateDevice)
 class LossConfig:
     """The ``loss.*`` keys; their defaults (the paper's code) are also the losses' keyword defaults."""
 
-    name: Literal["clip", "sogclr", "isogclr", "rgclg"] = "isogclr"
+    name: Literal["clip", "sogclr", "isogclr", "rgclg", "siglip"] = "isogclr"
     gamma: float = 0.8
     rho: float = 6.0
     tau_init: float = 0.01
@@ -253,6 +255,7 @@ def validate(cfg: Config) -> Config:
     _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
     _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0: only at the end)")
     _check(t.collective_timeout_s >= 1, "train.collective_timeout_s", t.collective_timeout_s, "must be >= 1")
+    _check(len(set(t.report_to)) == len(t.report_to), "train.report_to", t.report_to, "names a tracker twice")
     _check(t.grad_clip_norm is None or t.grad_clip_norm > 0, "train.grad_clip_norm", t.grad_clip_norm, "must be > 0")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
     _check(cfg.eval.workers >= 0, "eval.workers", cfg.eval.workers, "must be >= 0")
