@@ -86,7 +86,9 @@ class SigLIPLoss(ContrastiveLoss):
                              f"{world_size}")
         dtype = torch.float64 if torch.float64 in (image_features.dtype, text_features.dtype) else torch.float32
         with torch.autocast(device_type=image_features.device.type, enabled=False):
-            scale, bias = self.logit_scale, self.logit_bias
+            # In the features' precision, so that the processes' gradients are averaged before rounding to the
+            # parameters' float32, as one process rounds its gradient once.
+            scale, bias = self.logit_scale.to(dtype), self.logit_bias.to(dtype)
             if world_size > 1:
                 scale, bias = _MeanGradientOverProcesses.apply(scale, bias)
             loss = self.siglip(image_features.to(dtype), text_features.to(dtype), scale.exp(), bias)
