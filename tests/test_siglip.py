@@ -2,6 +2,7 @@
 resumable training run on the user's path (design.md §4.5b)."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from torch.testing import assert_close
 import siglip_dist_worker
 from clip_dro.bench import launch
 from clip_dro.checkpoint import read_loss_state
+from clip_dro.cli import main
 from clip_dro.losses import SigLIPLoss, build_loss
 from losses_dist_worker import STEPS, run_steps
 from test_trainer import TINY, assert_same_checkpoint, overrides
@@ -113,3 +115,23 @@ def test_siglip_run_resumes_exactly_at_two_processes_from_the_cli(data, tmp_path
     # model.pt carries the learned scale for open_clip (tiny-vit has no logit_bias of its own)
     model = torch.load(tmp_path / "full/final/model.pt")
     assert float(model["logit_scale"]) == float(final["logit_scale"])
+
+
+def test_quickstart_refuses_an_unknown_loss_in_one_line(tmp_path, capsys):
+    code = main(["quickstart", "--output", str(tmp_path / "q"), "--losses", "clip,siglip,sigmoid"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        "clip-dro quickstart: error: --losses: 'sigmoid' is not one of clip, sogclr, isogclr, rgclg, siglip")
+    assert not (tmp_path / "q/data").exists(), "work started before the check"
+
+
+@pytest.mark.slow
+def test_quickstart_compares_siglip_from_the_cli(tmp_path):
+    code = main(["quickstart", "--output", str(tmp_path), "--steps", "2", "--num-train", "480", "--setup", "scratch",
+                 "--losses", "clip,siglip"])
+    assert code == 0
+    table = json.loads((tmp_path / "comparison.json").read_text())
+    assert list(table) == ["clip", "siglip"] and all(0 <= row["r_mean"] <= 100 for row in table.values())
+    # SigLIP's one learned temperature, read from its model.pt: it moved from 1/10 in two steps
+    assert table["siglip"]["tau_img_mean"] == table["siglip"]["tau_txt_mean"] != pytest.approx(0.1, abs=1e-9)
+    assert "siglip" in (tmp_path / "comparison.md").read_text()
