@@ -12,6 +12,7 @@ import accelerate.tracking
 import pytest
 from accelerate.utils import LoggerType
 
+from clip_dro.bench import launch
 from clip_dro.cli import main
 from clip_dro.config import ConfigError, load_config
 from clip_dro.trackers import RUNS_FILE, dashboard_scalars
@@ -66,12 +67,24 @@ def test_missing_tracker_package_is_one_line_naming_the_extra(data, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_jsonl_resume_rewrites_the_stopped_steps_and_an_empty_report_to_logs_nothing(data, tmp_path):
-    _stopped_and_resumed(data, tmp_path / "jsonl", "[jsonl]")
+def test_two_process_cli_runs_resume_with_report_to_changed(data, tmp_path):
+    """`clip-dro train` at two processes with a loader worker: a run logging nowhere (`[]`), killed after its
+    step-3 checkpoint, resumes logging to metrics.jsonl from step 4 (report_to may change on resume); a
+    metrics.jsonl run resumed the same way reads as one run, the stopped run's later lines replaced."""
+    def train(run_dir: Path, report_to: str, *extra: str) -> None:
+        args = ["train", "--config", str(TINY)] + overrides(data, run_dir, **{
+            "train.report_to": report_to, "data.batch_size": 8, "data.workers": 1}) + list(extra)
+        done = launch.run(args, nproc=2)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    for run_dir, first in ((tmp_path / "silent", "[]"), (tmp_path / "jsonl", "[jsonl]")):
+        train(run_dir, first)
+        assert (run_dir / "metrics.jsonl").exists() == (first == "[jsonl]")
+        _killed_after_checkpoint(run_dir, 3)
+        train(run_dir, "[jsonl]", "train.resume=latest")
+        assert not (run_dir / "final" / RUNS_FILE).exists(), "nothing to continue for metrics.jsonl alone"
+    assert _jsonl_steps(tmp_path / "silent") == [4, 5, 6]
     assert _jsonl_steps(tmp_path / "jsonl") == [1, 2, 3, 4, 5, 6]
-    assert not (tmp_path / "jsonl/final" / RUNS_FILE).exists(), "nothing to continue for metrics.jsonl alone"
-    run(data, tmp_path / "silent", **{"train.report_to": "[]", "train.max_steps": 2})
-    assert (tmp_path / "silent/final").is_dir() and not (tmp_path / "silent/metrics.jsonl").exists()
 
 
 class _StandInRun:
