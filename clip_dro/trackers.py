@@ -15,6 +15,7 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration
 
 from clip_dro.config import ConfigError
+from clip_dro.errors import UserError, first_line
 
 PROJECT = "clip_dro"  # the W&B project and TensorBoard's run name under the logging directory
 METRICS_FILE = "metrics.jsonl"
@@ -65,7 +66,16 @@ def accelerator_arguments(report_to: Sequence[str], run_dir: Path) -> dict[str, 
 def read_runs(checkpoint: Optional[Path]) -> dict[str, str]:
     """The tracker runs a checkpoint recorded; none for a checkpoint written before they were recorded."""
     path = checkpoint / RUNS_FILE if checkpoint is not None else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    if path is None or not path.is_file():
+        return {}
+    try:
+        runs = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({first_line(exc)}); delete it to start new tracker runs") from None
+    if not isinstance(runs, dict) or not all(isinstance(v, str) for v in runs.values()):
+        raise UserError(f"{path} is damaged (not a mapping of tracker names to run ids); delete it to start new "
+                        "tracker runs")
+    return runs
 
 
 def write_runs(directory: Path, runs: dict[str, str]) -> None:

@@ -15,7 +15,8 @@ from accelerate.utils import LoggerType
 from clip_dro.bench import launch
 from clip_dro.cli import main
 from clip_dro.config import ConfigError, load_config
-from clip_dro.trackers import RUNS_FILE, dashboard_scalars
+from clip_dro.errors import UserError
+from clip_dro.trackers import RUNS_FILE, dashboard_scalars, read_runs, write_runs
 from test_trainer import TINY, overrides, run
 
 
@@ -155,3 +156,15 @@ def test_tensorboard_events_read_back_as_one_run_after_resume(data, tmp_path):
     assert [s for s, _ in losses] == [s for s, _ in expected] == [1, 2, 3, 4, 5, 6]
     for (_, got), (_, want) in zip(losses, expected):
         assert got == pytest.approx(want, rel=1e-6)  # TensorBoard stores float32
+
+
+def test_tracker_record_of_a_checkpoint_read_back_or_refused_in_one_line(tmp_path):
+    assert read_runs(None) == {} and read_runs(tmp_path) == {}, "checkpoints from before trackers.json"
+    write_runs(tmp_path, {"wandb": "abc123", "tensorboard": "/runs/x/tensorboard/clip_dro"})
+    assert read_runs(tmp_path) == {"wandb": "abc123", "tensorboard": "/runs/x/tensorboard/clip_dro"}
+    (tmp_path / RUNS_FILE).write_text('{"wandb": ')
+    with pytest.raises(UserError, match=r"trackers.json is damaged \(JSONDecodeError: .*\); delete it"):
+        read_runs(tmp_path)
+    (tmp_path / RUNS_FILE).write_text('["abc123"]')
+    with pytest.raises(UserError, match="not a mapping of tracker names to run ids"):
+        read_runs(tmp_path)
