@@ -38,16 +38,18 @@ def test_initialised_as_siglip_and_equal_to_open_clip_and_to_the_formula():
     value = loss(ours_image, ours_text, ids, ids)
     value.backward()
 
-    # open_clip's module, called directly, with its own copies of scale and bias
-    scale, bias = torch.tensor(math.log(10), requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    # open_clip's module, called directly, with its own copies of scale and bias: the float32 parameters' values,
+    # in the features' float64 as ours computes them
+    scale = torch.tensor(math.log(10), dtype=torch.float32).double().requires_grad_()
+    bias = torch.tensor(-10.0, dtype=torch.float64, requires_grad=True)
     ref_image, ref_text = image.clone().requires_grad_(), text.clone().requires_grad_()
     reference = SigLipLoss()(ref_image, ref_text, scale.exp(), bias)
     reference.backward()
     assert_close(value, reference, rtol=1e-12, atol=0)
     assert_close(ours_image.grad, ref_image.grad, rtol=1e-12, atol=1e-15)
     assert_close(ours_text.grad, ref_text.grad, rtol=1e-12, atol=1e-15)
-    assert_close(loss.logit_scale.grad, scale.grad, rtol=1e-6, atol=0)
-    assert_close(loss.logit_bias.grad, bias.grad, rtol=1e-6, atol=0)
+    assert_close(loss.logit_scale.grad, scale.grad.float(), rtol=0, atol=0)  # rounded once to float32
+    assert_close(loss.logit_bias.grad, bias.grad.float(), rtol=0, atol=0)
 
     # the paper's formula: -(1/B) Σ_ij log σ(z_ij (t·x_i·y_j + b)), z = +1 on the diagonal and -1 elsewhere
     labels = 2 * torch.eye(12, dtype=torch.float64) - 1
@@ -58,6 +60,19 @@ def test_initialised_as_siglip_and_equal_to_open_clip_and_to_the_formula():
     assert stats["loss"] == pytest.approx(float(formula), rel=1e-6)
     assert stats["logit_scale"] == pytest.approx(10.0) and stats["logit_bias"] == -10.0
     assert float(loss.tau_img[0]) == pytest.approx(0.1) and loss.tau_txt.shape == (20,)
+
+
+def test_float32_features_give_open_clip_value_and_gradients_exactly():
+    """The trainer's case: float32 features, float32 scale and bias, nothing converted."""
+    image, text = (f.float() for f in _features(16, 8, seed=1))
+    loss, ids = build_loss("siglip", 16, 16), torch.arange(16)
+    ours = [image.clone().requires_grad_(), text.clone().requires_grad_()]
+    loss(*ours, ids, ids).backward()
+    scale, bias = torch.tensor(math.log(10), requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+    theirs = [image.clone().requires_grad_(), text.clone().requires_grad_()]
+    SigLipLoss()(*theirs, scale.exp(), bias).backward()
+    for got, want in zip(ours + [loss.logit_scale, loss.logit_bias], theirs + [scale, bias]):
+        assert torch.equal(got.grad, want.grad)
 
 
 def test_scale_clamped_bias_free_and_both_in_the_state_dict():
