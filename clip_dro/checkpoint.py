@@ -124,8 +124,8 @@ class TrainerState:
 # a run stopped by one resumes with data.on_bad_sample=skip (or train.on_nonfinite=skip) to get past it.
 RESUMABLE_CHANGES = ("data.train", "data.batch_size", "data.lanes", "data.workers", "data.on_bad_sample",
                      "train.output_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.log_every", "train.report_to", "train.eval_every", "train.collective_timeout_s", "train.on_nonfinite",
-                     "eval.", "model.pretrained", "model.text_tower", "loss.state_device")
+                     "train.log_every", "train.eval_every", "train.collective_timeout_s", "train.on_nonfinite",
+                     "eval.", "model.pretrained", "model.text_tower", "loss.state_device", "train.report_to")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

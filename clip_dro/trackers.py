@@ -59,8 +59,9 @@ def check_installed(report_to: Sequence[str]) -> None:
 def accelerator_arguments(report_to: Sequence[str], run_dir: Path) -> dict[str, Any]:
     """``log_with`` and ``project_config`` for the Accelerator of a run in ``run_dir``."""
     log_with = [JSONLTracker(run_dir / METRICS_FILE) if name == "jsonl" else name for name in report_to]
-    return {"log_with": log_with or None,  # an empty list would draw accelerate's "none installed" warning
-            "project_config": ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / TENSORBOARD_DIR))}
+    project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / TENSORBOARD_DIR))
+    # None for no tracker: an empty list would draw accelerate's "none installed" warning
+    return {"log_with": log_with or None, "project_config": project}
 
 
 def read_runs(checkpoint: Optional[Path]) -> dict[str, str]:
