@@ -4,7 +4,8 @@ and loaded at any number of processes; and the files of learned temperatures, wr
 
 A checkpoint directory holds accelerate's state (model, optimizer, gradient scaler, every process's RNG),
 ``loss_state/shard-R-of-W.pt`` (process R's shard of the loss's per-sample state, written by R),
-``trainer_state.json`` (position in the data, schedule, dataset fingerprint), ``model.pt`` (an open_clip state
+``trainer_state.json`` (position in the data, schedule, dataset fingerprint), ``trackers.json`` (the tracker
+runs a resumed run continues, for runs that report to TensorBoard or W&B), ``model.pt`` (an open_clip state
 dict), ``config.yaml`` and, for runs with per-sample temperatures, ``temperatures/shard-R-of-W.npz`` (arrays
 ``image_index``, ``image_tau``, ``text_index``, ``text_tau`` of the ids process R owns) plus, while it stays
 small (``CSV_MAX_ROWS``), ``temperatures.csv`` with every row (``side,index,tau``). A run directory holds
@@ -33,6 +34,7 @@ from clip_dro.losses import ContrastiveLoss
 from clip_dro.losses.state import StateShard, reshard
 from clip_dro.data.sources import TrainSources, locate
 from clip_dro.models import ModelBundle, build_model
+from clip_dro.trackers import write_runs
 
 TRAINER_STATE = "trainer_state.json"
 LOSS_STATE_DIR = "loss_state"
@@ -157,7 +159,7 @@ RESUMABLE_CHANGES = ("data.train", "data.batch_size", "data.lanes", "data.worker
                      "train.output_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.log_every", "train.eval_every", "train.collective_timeout_s", "train.on_nonfinite",
                      "train.accum_steps", "train.init_from", "train.init_optimizer", "eval.", "model.pretrained",
-                     "model.text_tower", "loss.state_device")
+                     "model.text_tower", "loss.state_device", "train.report_to")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -367,7 +369,7 @@ def _agree_written(acc: Accelerator, error: Optional[Exception], tmp_dir: Path, 
 
 
 def save_checkpoint(acc: Accelerator, final_dir: Path, loss_fn: ContrastiveLoss, open_clip_state: Callable[[], dict],
-                    config: Config, trainer_state: TrainerState) -> Path:
+                    config: Config, trainer_state: TrainerState, tracker_runs: Optional[dict] = None) -> Path:
     """Write checkpoint ``final_dir`` under a temporary name, then move it into place, so that an interrupted
     save never looks like a complete checkpoint. Every process writes its own shard of the loss state (and of
     the temperatures, for a loss that has per-sample ones) in parallel; the main process writes what is shared
@@ -398,6 +400,8 @@ def save_checkpoint(acc: Accelerator, final_dir: Path, loss_fn: ContrastiveLoss,
             if temperatures is not None and trainer_state.num_images + trainer_state.num_texts <= CSV_MAX_ROWS:
                 temperature_shards_to_csv(shard_files(tmp_dir / TEMPERATURES_DIR, "npz"),
                                           tmp_dir / TEMPERATURES_FILE, trainer_state.sources)
+            if tracker_runs:
+                write_runs(tmp_dir, tracker_runs)
             trainer_state.write(tmp_dir)  # last: its presence marks the checkpoint complete
         except Exception as exc:  # noqa: BLE001  as above
             error = exc

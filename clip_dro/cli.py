@@ -170,8 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pretrained_cpu.yaml, default); scratch: a tiny ViT from random weights (tiny_cpu.yaml)")
     p.add_argument("--seed", type=int, default=0,
                    help="training seed (default 0): the same data, another initialization and batch order")
+    p.add_argument("--losses", default="clip,sogclr,isogclr",
+                   help="comma-separated loss.name values to train and compare (default clip,sogclr,isogclr; "
+                        "also rgclg, siglip)")
     p.set_defaults(run=lambda a: _call("clip_dro.quickstart", "run_quickstart", output=a.output, steps=a.steps,
-                                       num_train=a.num_train, setup=a.setup, seed=a.seed))
+                                       num_train=a.num_train, setup=a.setup, seed=a.seed, losses=a.losses))
 
     p = sub.add_parser("bench", help="benchmark suite: loss step, train step, loader, prep (ratios)")
     p.add_argument("--output", type=Path, default=Path("bench.json"))

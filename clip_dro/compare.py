@@ -77,8 +77,8 @@ def temperature_row(cfg: Config, final: Path, output: Path) -> dict[str, Optiona
             row[f"tau_{short}_freq_spearman"] = correlation.get("spearman")
             row[f"tau_{short}_freq_spearman_per_concept"] = correlation.get("spearman_per_concept")
         return row
-    # One temperature for all: CLIP's learned one, or SogCLR's fixed one; no relation to frequency.
-    if cfg.loss.name == "clip":
+    # One temperature for all: CLIP's or SigLIP's learned one, or SogCLR's fixed one; no relation to frequency.
+    if cfg.loss.name in ("clip", "siglip"):
         tau = math.exp(-float(torch.load(final / MODEL_FILE, weights_only=True)["logit_scale"]))
     else:
         tau = cfg.loss.tau_init

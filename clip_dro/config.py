@@ -98,6 +98,8 @@ class TrainConfig:
     # per-sample loss state, and with init_optimizer also its optimizer state.
     init_from: Optional[str] = None
     init_optimizer: bool = False
+    # Where metrics go: jsonl (metrics.jsonl in the run directory), tensorboard, wandb (each its extra).
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
 
 
 @dataclass
@@ -122,7 +124,7 @@ STATE_DEVICES: tuple[str, ...] = typing.get_args(StateDevice)
 class LossConfig:
     """The ``loss.*`` keys; their defaults (the paper's code) are also the losses' keyword defaults."""
 
-    name: Literal["clip", "sogclr", "isogclr", "rgclg"] = "isogclr"
+    name: Literal["clip", "sogclr", "isogclr", "rgclg", "siglip"] = "isogclr"
     gamma: float = 0.8
     rho: float = 6.0
     tau_init: float = 0.01
@@ -312,6 +314,7 @@ def validate(cfg: Config) -> Config:
            "from a checkpoint resumes with train.init_from=null")
     _check(t.init_from is not None or not t.init_optimizer, "train.init_optimizer", t.init_optimizer,
            "needs train.init_from (the checkpoint whose optimizer state to load)")
+    _check(len(set(t.report_to)) == len(t.report_to), "train.report_to", t.report_to, "names a tracker twice")
     _check(t.grad_clip_norm is None or t.grad_clip_norm > 0, "train.grad_clip_norm", t.grad_clip_norm, "must be > 0")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
     _check(cfg.eval.workers >= 0, "eval.workers", cfg.eval.workers, "must be >= 0")

@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from clip_dro import trackers
 from clip_dro.checkpoint import (TrainerState, check_resumable, load_checkpoint, load_warm_start, prune,
                                  resolve_init_from, resolve_resume, save_checkpoint)
 from clip_dro.config import Config, load_config, save_config
@@ -47,18 +48,14 @@ def train_from_cli(config_path: Path, overrides: list[str]) -> Path:
     return train(load_config(resolve_config_path(config_path), overrides))
 
 
-def _accelerator(precision: str, run_dir: Path, collective_timeout_s: int) -> Accelerator:
+def _accelerator(precision: str, run_dir: Path, collective_timeout_s: int, report_to: list[str]) -> Accelerator:
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision: fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    try:
-        import tensorboard  # noqa: F401  (only to know whether the tracker can be used)
-        log_with = "tensorboard"
-    except ImportError:
-        log_with = None
+    trackers.check_installed(report_to)
     processes = join_processes(collective_timeout_s)  # the Accelerator takes this state
     return Accelerator(cpu=processes.device.type == "cpu",
                        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
-                       log_with=log_with, project_dir=str(run_dir))
+                       **trackers.accelerator_arguments(report_to, run_dir))
 
 
 @contextmanager
@@ -161,8 +158,7 @@ class Trainer:
         if acc.is_main_process:
             save_config(cfg, self.run_dir / "config.yaml")
             _forget_metrics_after(self.run_dir / "metrics.jsonl", self.global_step)
-        if acc.log_with:
-            acc.init_trackers("clip_dro")
+        self.tracker_runs = trackers.start(acc, self.resume_from, self.global_step, cfg.to_dict())
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
@@ -174,15 +170,16 @@ class Trainer:
 
     def _open_clip_state_dict(self) -> dict:
         state = self.accelerator.unwrap_model(self.model).state_dict()
-        if "logit_scale" in state and hasattr(self.loss_fn, "logit_scale"):
-            state["logit_scale"] = self.loss_fn.logit_scale.detach().reshape(state["logit_scale"].shape).cpu()
+        for name in ("logit_scale", "logit_bias"):  # the loss's learned ones (CLIP, SigLIP), where the model has one
+            if name in state and hasattr(self.loss_fn, name):
+                state[name] = getattr(self.loss_fn, name).detach().reshape(state[name].shape).cpu()
         return state
 
     def save(self, name: str) -> Path:
         """Write checkpoint ``name`` (``checkpoints/step-N`` or ``final``), every process its part, and keep
         the newest ``train.keep_checkpoints``."""
         final_dir = save_checkpoint(self.accelerator, self.run_dir / name, self.loss_fn, self._open_clip_state_dict,
-                                    self.cfg, self._state())
+                                    self.cfg, self._state(), self.tracker_runs)
         if self.accelerator.is_main_process:
             prune(self.run_dir, self.cfg.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()
@@ -256,12 +253,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------
 
     def _log(self, metrics: dict) -> None:
-        if self.accelerator.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-        if self.accelerator.log_with:
-            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                                 step=self.global_step)
+        trackers.log(self.accelerator, metrics, metrics.get("step", self.global_step))
 
     def evaluate(self, stop_signal: list[bool]) -> bool:
         """Evaluate on every process; returns whether a stop signal cut it short (the same answer on every
@@ -373,6 +365,6 @@ def train(cfg: Config) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     # A peer that died or hung (past train.collective_timeout_s) ends the run with one line, not a C++ trace.
     with peer_failures_in_one_line():
-        accelerator = _accelerator(cfg.train.precision, run_dir, cfg.train.collective_timeout_s)
+        accelerator = _accelerator(cfg.train.precision, run_dir, cfg.train.collective_timeout_s, cfg.train.report_to)
         with _run_dir_locked(run_dir, accelerator):
             return Trainer(cfg, accelerator).run()

@@ -1,4 +1,4 @@
-"""Contrastive losses with per-sample state: CLIP, SogCLR, iSogCLR and RGCL-g (design.md §4).
+"""Contrastive losses with per-sample state: CLIP, SogCLR, iSogCLR and RGCL-g, and SigLIP (design.md §4).
 
     from clip_dro.losses import ISogCLRLoss
     loss_fn = ISogCLRLoss(num_images, num_texts, rho=6.0, tau_init=0.01)
@@ -10,7 +10,8 @@ from clip_dro.losses.clip import CLIPLoss
 from clip_dro.losses.factory import LOSSES, build_loss
 from clip_dro.losses.isogclr import ISogCLRLoss, RGCLgLoss, SogCLRLoss
 from clip_dro.losses.schedules import check_rho, gamma_at
+from clip_dro.losses.siglip import SigLIPLoss
 from clip_dro.losses.state import LossIndexError, LossStateSizeError
 
 __all__ = ["CLIPLoss", "ContrastiveLoss", "ISogCLRLoss", "LOSSES", "LossIndexError", "LossStateSizeError",
-           "RGCLgLoss", "SogCLRLoss", "build_loss", "check_rho", "gamma_at"]
+           "RGCLgLoss", "SigLIPLoss", "SogCLRLoss", "build_loss", "check_rho", "gamma_at"]
