@@ -25,6 +25,7 @@ from clip_dro.data.train_loader import TrainBatch, TrainLoader, check_layout
 from clip_dro.distributed import from_main, join_processes, peer_failures_in_one_line, sum_over_processes
 from clip_dro.errors import UserError
 from clip_dro.evaluation.periodic import PeriodicEvaluation, describe
+from clip_dro.feature_cache import cached_training, open_clip_model
 from clip_dro.losses import build_loss
 from clip_dro.manifest import load_manifest
 from clip_dro.models import build_model
@@ -118,9 +119,7 @@ class Trainer:
             check_resumable(self.resume_from, cfg, self.manifest, self.global_batch, self.lanes)
 
         set_seed(cfg.train.seed)
-        self.bundle = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.text_tower,
-                                  cfg.model.text_tower_pretrained, pretrained_image=cfg.model.pretrained_image,
-                                  image_batchnorm=cfg.model.image_batchnorm)
+        self.bundle = build_model(**vars(cfg.model))
         model = self.bundle.model
         # Our losses bring their own temperatures; an unused parameter would stall DDP.
         for name in ("logit_scale", "logit_bias"):
@@ -132,6 +131,9 @@ class Trainer:
                                   world_size=acc.num_processes, workers=cfg.data.workers, lanes=self.lanes,
                                   shuffle_buffer=cfg.data.shuffle_buffer, background=cfg.data.background,
                                   on_bad_sample=cfg.data.on_bad_sample)
+        if cfg.data.feature_cache is not None:
+            model, self.loader = cached_training(cfg.data.feature_cache, cfg.model.name, model, self.loader,
+                                                 self.bundle.preprocess_eval, acc.device, cfg.data.batch_size)
         self.loss_fn = build_loss(cfg.loss.name, self.manifest.num_images, self.manifest.num_texts,
                                   state_device=cfg.loss.state_device, **cfg.loss.hyperparameters()).to(acc.device)
 
@@ -161,7 +163,7 @@ class Trainer:
                             self.cfg.loss.name, self.scheduler.state_dict(), self.global_batch, self.lanes)
 
     def _open_clip_state_dict(self) -> dict:
-        state = self.accelerator.unwrap_model(self.model).state_dict()
+        state = open_clip_model(self.accelerator.unwrap_model(self.model)).state_dict()
         if "logit_scale" in state and hasattr(self.loss_fn, "logit_scale"):
             state["logit_scale"] = self.loss_fn.logit_scale.detach().reshape(state["logit_scale"].shape).cpu()
         return state
@@ -257,7 +259,7 @@ class Trainer:
         if not self.evaluation:
             return False
         acc = self.accelerator
-        results = self.evaluation.run(acc.unwrap_model(self.model), self.bundle.tokenizer,
+        results = self.evaluation.run(open_clip_model(acc.unwrap_model(self.model)), self.bundle.tokenizer,
                                       self.bundle.preprocess_eval, acc.device, should_stop=lambda: stop_signal[0])
         if results is None:
             return True
