@@ -105,7 +105,13 @@ def lock_towers(model: nn.Module, *, lock_image: bool = False, unlocked_groups: 
         if not freeze_layer_norm and not hasattr(getattr(model, "text", None), "config"):
             raise ValueError("lock_text_freeze_layer_norm: false is only supported by Hugging Face text towers "
                              "(open_clip's own text transformer freezes its LayerNorms with the rest)")
-        model.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=freeze_layer_norm)
+        try:
+            model.lock_text_tower(unlocked_layers=unlocked_layers, freeze_layer_norm=freeze_layer_norm)
+        except KeyError:
+            # open_clip's HFTextEncoder.lock looks the layers up in a per-architecture table that names them
+            # for none of the architectures it ships (open_clip 3.3).
+            raise ValueError("lock_text_unlocked_layers: open_clip's Hugging Face text adapter cannot find this "
+                             "model's layers to unlock; use 0 (the whole transformer locked)") from None
         _unlock_head(text_head(model))
         if unlocked_layers == 0 and freeze_layer_norm:
             for module in _text_modules(model):
