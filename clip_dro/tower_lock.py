@@ -71,10 +71,14 @@ def _text_modules(model: nn.Module) -> list[nn.Module]:
     return [getattr(model, name) for name in ("transformer", "token_embedding", "ln_final")]
 
 
+def _train_stays_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
 def _hold_in_eval(module: nn.Module) -> None:
     """Eval mode now and after any later ``train()`` (evaluation restores the model's mode with one)."""
     module.eval()
-    module.train = types.MethodType(lambda self, mode=True: nn.Module.train(self, False), module)
+    module.train = types.MethodType(_train_stays_eval, module)
 
 
 def _uses_fused_batchnorm(module: nn.Module) -> bool:
