@@ -37,7 +37,8 @@ def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096
         loader = bench_loader(Path(tmp) / "train", bundle.preprocess_train, bundle.tokenizer, train_batch,
                               steps=10, workers=cfg.data.workers)
         evaluation = bench_eval(Path(tmp))
-        feature_cache = bench_feature_cache(Path(tmp) / "train", batch_size=train_batch, workers=cfg.data.workers)
+        feature_cache = bench_feature_cache(Path(tmp) / "train", batch_size=train_batch, workers=cfg.data.workers,
+                                            loss_keys=cfg.loss.hyperparameters())
     consumed = step["ours_samples_per_s"]
     results.append({"case": "loader", "B": train_batch, "workers": cfg.data.workers,
                     "ours_s": 1.0 / loader["samples_per_s"], "baseline_s": 1.0 / consumed,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -18,8 +18,8 @@ from clip_dro.optim import build_optimizer
 
 
 def _steps_per_s(model: torch.nn.Module, batches: Iterator[TrainBatch], steps: int, num_images: int,
-                 num_texts: int, loss: str) -> float:
-    loss_fn = build_loss(loss, num_images, num_texts)
+                 num_texts: int, loss: str, loss_keys: dict[str, Any]) -> float:
+    loss_fn = build_loss(loss, num_images, num_texts, **loss_keys)
     optimizer = build_optimizer(model, loss_fn.parameters(), 1e-4, 0.1)
 
     def step() -> None:
@@ -34,9 +34,12 @@ def _steps_per_s(model: torch.nn.Module, batches: Iterator[TrainBatch], steps: i
 
 
 def bench_feature_cache(data_dir: Path, batch_size: int = 128, steps: int = 10, workers: int = 1,
-                        loss: str = "isogclr", **model_keys: Any) -> dict[str, Any]:
+                        loss: str = "isogclr", loss_keys: Optional[dict[str, Any]] = None, **model_keys: Any
+                        ) -> dict[str, Any]:
     """Steps/s of the same locked model from the cache and through its towers (``model_keys`` as
-    ``build_model`` takes them; tiny-vit by default); the cache is built first, its time reported apart."""
+    ``build_model`` takes them, tiny-vit by default; ``loss_keys`` as ``build_loss``); the cache is built
+    first, its time reported apart."""
+    loss_keys = loss_keys or {}
     model_keys = {"name": "tiny-vit", **model_keys, "lock_image": True, "lock_text": True}
     bundle = build_model(**model_keys)
     loader = TrainLoader(data_dir, bundle.preprocess_eval, bundle.tokenizer, batch_size, seed=0, workers=workers)
@@ -46,8 +49,8 @@ def bench_feature_cache(data_dir: Path, batch_size: int = 128, steps: int = 10, 
         heads, cached = cached_training(tmp, model_keys["name"], bundle.model, loader, bundle.preprocess_eval,
                                         torch.device("cpu"), batch_size)
         build_s = time.perf_counter() - start
-        from_cache = _steps_per_s(heads, iter(cached.epoch(0)), steps, m.num_images, m.num_texts, loss)
-    towers = _steps_per_s(bundle.model, iter(loader.epoch(0)), steps, m.num_images, m.num_texts, loss)
+        from_cache = _steps_per_s(heads, iter(cached.epoch(0)), steps, m.num_images, m.num_texts, loss, loss_keys)
+    towers = _steps_per_s(bundle.model, iter(loader.epoch(0)), steps, m.num_images, m.num_texts, loss, loss_keys)
     return {"case": f"feature_cache_{model_keys['name']}", "B": batch_size, "workers": workers,
             "ours_s": 1.0 / from_cache, "baseline_s": 1.0 / towers, "ratio": from_cache / towers, "target": 1.0,
             "cache_steps_per_s": from_cache, "towers_steps_per_s": towers, "cache_build_s": build_s,
