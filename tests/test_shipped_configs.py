@@ -22,7 +22,7 @@ from torchvision.transforms.functional import to_tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 # The process counts each config is written for (its header comment says so).
-MEANT_FOR = {"tiny_cpu": (1, 2), "pretrained_cpu": (1, 2), "cc3m_isogclr": (1, 8, 32),
+MEANT_FOR = {"tiny_cpu": (1, 2), "pretrained_cpu": (1, 2), "locked_cpu": (1, 2), "cc3m_isogclr": (1, 8, 32),
              "rn50_isogclr": (1, 8, 32), "vit_b32_isogclr": (1, 8, 32)}
 CC3M_SHARDS = 2_900  # CC3M prepped at the default 1000 samples per shard
 GPU_CONFIGS = [name for name, counts in MEANT_FOR.items() if max(counts) > 2]

@@ -240,6 +240,8 @@ def test_resume_refuses_other_sources(synthetic, two_source_run, tmp_path, capsy
     ({"data.samples_per_epoch": 32}, "data.samples_per_epoch: 32 is only used with data.weights"),
     ({"data.weights": "[1,2]", "data.samples_per_epoch": 8}, "data.samples_per_epoch: 8 must be at least the global"),
     ({"data.train": "[]"}, "data.train: [] is empty"),
+    ({"model.lock_image": "true", "model.lock_text": "true", "data.feature_cache": "dataset"},
+     "data.feature_cache: 'dataset' reads a single source"),
 ])
 def test_config_errors_name_the_key(two, tmp_path, capsys, extra, message):
     code = main(cli_args(two, tmp_path / "r", **extra))

@@ -15,6 +15,7 @@ def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096
     """Run every case, print the table, write ``{"results": [...]}`` to ``output``."""
     from clip_dro.bench.accum_memory import bench_accum_memory
     from clip_dro.bench.eval_speed import bench_eval_speed
+    from clip_dro.bench.feature_cache import bench_feature_cache
     from clip_dro.bench.lane_schedule import bench_lane_schedule
     from clip_dro.bench.loader import bench_loader
     from clip_dro.bench.loss_step import bench_loss_step
@@ -38,6 +39,8 @@ def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096
         loader = bench_loader(Path(tmp) / "train", bundle.preprocess_train, bundle.tokenizer, train_batch,
                               steps=10, workers=cfg.data.workers)
         evaluation = bench_eval(Path(tmp))
+        feature_cache = bench_feature_cache(Path(tmp) / "train", batch_size=train_batch, workers=cfg.data.workers,
+                                            loss_keys=cfg.loss.hyperparameters())
     consumed = step["ours_samples_per_s"]
     results.append({"case": "loader", "B": train_batch, "workers": cfg.data.workers,
                     "ours_s": 1.0 / loader["samples_per_s"], "baseline_s": 1.0 / consumed,
@@ -49,6 +52,7 @@ def run_bench(output: Path, loss_batch_sizes: tuple[int, ...] = (256, 1024, 4096
     results.extend(bench_state_bytes(num_ids=state_ids))
     results.append(bench_checkpoint_write(num_ids=checkpoint_ids))
     results.append(evaluation)
+    results.append(feature_cache)
     results.extend(bench_eval_speed(images=eval_images, classes=eval_classes))
 
     output = Path(output)
