@@ -94,7 +94,8 @@ def test_options_that_do_not_pair_up_are_one_line_errors(inputs, tmp_path, capsy
     a, b = inputs / "a.pt", inputs / "b.pt"
     assert "--pretrained: 1 given for 2 --model; give one per --model, in order" in run(
         "--model", "tiny-vit", "--model", "tiny-vit", "--pretrained", a)
-    assert "--pretrained and --text-tower go with --model" in run("--checkpoint", inputs / "runs/mine", "--pretrained", a)
+    assert "--pretrained and --text-tower go with --model" in run("--checkpoint", inputs / "runs/mine",
+                                                                  "--pretrained", a)
     assert "--output cmp.json: with several models it names a directory" in run(
         "--model", "tiny-vit", "--pretrained", a, "--model", "tiny-vit", "--pretrained", b, "--output", "cmp.json")
     assert "--export copies the open_clip state dict of one --checkpoint" in run(

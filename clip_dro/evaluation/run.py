@@ -502,9 +502,9 @@ def evaluate_from_cli(checkpoint: Any = None, retrieval: Sequence[PathLike] = ()
         source = sources[0]
         default = source.checkpoint / RESULTS_NAME if source.checkpoint is not None else Path(RESULTS_NAME)
         output = Path(output) if output is not None else default
+        benchmark_dir = Path(benchmark_dir) if benchmark_dir else output.parent / BENCHMARK_DIR
         document = _evaluate_model(source, *sets[0], output=output, tail_dir=output.parent / TAIL_DIR,
-                                   benchmark_dir=Path(benchmark_dir) if benchmark_dir else output.parent / BENCHMARK_DIR,
-                                   **options)
+                                   benchmark_dir=benchmark_dir, **options)
         if main and export is not None:
             print(f"exported open_clip state dict: {_export(source.checkpoint / MODEL_NAME, Path(export))}")
         return document
