@@ -101,18 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: _call("clip_dro.trainer", "train_from_cli", config_path=a.config,
                                        overrides=a.overrides))
 
-    p = sub.add_parser("eval", help="retrieval and zero-shot classification of a checkpoint or any open_clip model")
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", type=Path, default=None, help="a run directory or a checkpoint directory")
-    model.add_argument("--model", default=None,
-                       help="an open_clip architecture (ViT-B-32, RN50, ...) or one of configs/models, evaluated "
-                            "with the weights of --pretrained")
-    p.add_argument("--pretrained", type=Path, default=None,
-                   help="with --model: a local weights file open_clip reads (.pt/.pth/.bin/.safetensors state dict, "
-                        "an OpenAI JIT archive); nothing is downloaded")
-    p.add_argument("--text-tower", default=None,
-                   help="with --model: the local Hugging Face directory (or package:NAME) of a model whose text "
-                        "tower is a transformers model")
+    p = sub.add_parser("eval", help="retrieval and zero-shot classification of checkpoints or any open_clip models; "
+                                    "several at once are compared in one table")
+    p.add_argument("--checkpoint", nargs="+", action="extend", type=Path, default=None, metavar="DIR",
+                   help="run directories or checkpoint directories (several: compared)")
+    p.add_argument("--model", action="append", default=None, metavar="NAME",
+                   help="an open_clip architecture (ViT-B-32, RN50, ...) or one of configs/models, evaluated with the "
+                        "weights of --pretrained; repeat --model NAME --pretrained FILE to compare several")
+    p.add_argument("--pretrained", action="append", type=Path, default=None, metavar="FILE",
+                   help="with --model, one per --model in order: a local weights file open_clip reads "
+                        "(.pt/.pth/.bin/.safetensors state dict, an OpenAI JIT archive); nothing is downloaded")
+    p.add_argument("--text-tower", action="append", default=None,
+                   help="with --model, one per --model in order: the local Hugging Face directory (or "
+                        "package:NAME) of a model whose text tower is a transformers model")
     p.add_argument("--retrieval", nargs="*", default=[],
                    help="retrieval sets: prep directories (or URLs), Karpathy caption JSON files, CLIP_benchmark "
                         "webdataset directories")
@@ -126,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split of Karpathy's dataset_*.json files, CLIP_benchmark webdataset sets and CIFAR "
                         "(default test)")
     p.add_argument("--output", type=Path, default=None,
-                   help="results JSON (default: beside the checkpoint; eval.json here with --model)")
+                   help="results JSON (default: beside the checkpoint; eval.json here with --model); with several "
+                        "models a directory for their JSONs and the comparison table and plot (default comparison)")
     p.add_argument("--benchmark-dir", type=Path, default=None,
                    help="where one CLIP_benchmark-shaped JSON per result goes, with benchmark.csv collecting every "
                         "such JSON there (default: clip_benchmark/ beside the results JSON)")

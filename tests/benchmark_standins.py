@@ -124,7 +124,8 @@ def write_wds_retrieval(directory: Path, num_images: int, captions_per_image: in
 def write_readme_standins(data: Path, weights: Path) -> None:
     """What the README's "Benchmark a model" commands name: Karpathy's dataset_coco.json and
     dataset_flickr30k.json with their images, a CIFAR-10 archive, CLIP_benchmark wds sets, and weights at
-    ``weights/ViT-B-32.pt`` (the README test runs the commands with tiny-vit in ViT-B-32's place)."""
+    ``weights/ViT-B-32.pt`` and ``weights/RN50.pt`` (the README test runs the commands with tiny-vit in the
+    place of both, other weights in each)."""
     from clip_dro.models import build_model
 
     splits = ["test", "val", "train", "restval"] * 3
@@ -135,6 +136,7 @@ def write_readme_standins(data: Path, weights: Path) -> None:
     write_wds_retrieval(data / "wds_mscoco_captions", num_images=10)
     write_wds_classification(data / "wds_cifar10", ["airplane", "bird", "cat", "dog", "ship", "truck"], per_class=3,
                              templates=["a photo of a {c}.", "a blurry photo of a {c}.", "a photo of the big {c}."])
-    torch.manual_seed(0)
     weights.mkdir(parents=True, exist_ok=True)
-    torch.save(build_model("tiny-vit").model.state_dict(), weights / "ViT-B-32.pt")
+    for seed, name in enumerate(("ViT-B-32.pt", "RN50.pt")):
+        torch.manual_seed(seed)
+        torch.save(build_model("tiny-vit").model.state_dict(), weights / name)

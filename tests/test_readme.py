@@ -98,8 +98,9 @@ def scaled(command: str, workspace: Path) -> Optional[str]:
         return command + " --quick"
     if command.startswith("python bench/gpu_check.py"):
         return command.replace("--num-train 1000", "--num-train 300").replace("--steps 20", "--steps 4")
-    if command.startswith("clip-dro eval --model"):  # the tiny model in ViT-B-32's place, a state dict of it
-        return command.replace("--model ViT-B-32 ", "--model tiny-vit ").replace(" /weights/", f" {workspace}/weights/")
+    if command.startswith("clip-dro eval --model"):  # the tiny model in ViT-B-32's (RN50's) place, a state dict of it
+        command = re.sub(r"--model (ViT-B-32|RN50) ", "--model tiny-vit ", command)
+        return command.replace(" /weights/", f" {workspace}/weights/")
     if "/weights/" in command:  # the paper's own model, on stand-in weight files of the same formats
         command = command.replace("/weights/", f"{workspace}/weights/")
         return " ".join([command, *_config_paths(_config_of(command), workspace), "train.max_steps=1",
@@ -190,6 +191,8 @@ def _check_outputs(command: str, workspace: Path) -> None:
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         evaluated = {line["dataset"] for line in lines if "eval" in line}
         assert evaluated == {Path(p).name for p in config["eval"]["retrieval"] + config["eval"]["zeroshot"]}
+    elif command.startswith("clip-dro eval --model") and command.count("--model ") > 1:
+        _check_model_comparison(command, workspace)
     elif command.startswith("clip-dro eval --model"):
         output = home / re.search(r"--output (\S+)", command).group(1)
         document = json.loads(output.read_text())
@@ -202,12 +205,7 @@ def _check_outputs(command: str, workspace: Path) -> None:
         written = {json.loads(p.read_text())["dataset"] for p in (output.parent / "clip_benchmark").glob("*.json")}
         assert set(datasets) <= written
     elif command.startswith("clip-dro eval --checkpoint quickstart"):
-        results = json.loads((home / "quickstart/isogclr_tail.json").read_text())["results"]
-        assert [r["task"] for r in results] == ["zeroshot_classification"]
-        assert results[0]["tail"]["terciles"].keys() == {"head", "torso", "tail"}
-        held_out = json.loads((home / "quickstart/data/zeroshot/manifest.json").read_text())["num_samples"]
-        assert sum(results[0]["tail"]["per_class"]["images"]) == held_out  # every image, by class
-        assert (home / "quickstart/tail/zeroshot_tail.png").is_file()
+        _check_quickstart_tail(home / re.search(r"--output (\S+)", command).group(1), home / "quickstart")
     elif command.startswith("clip-dro eval"):
         results = json.loads((home / "results.json").read_text())["results"]
         assert [r["dataset"] for r in results] == ["coco_karpathy_test", "flickr30k_karpathy_test", "imagenet_val"]
@@ -237,6 +235,54 @@ def _check_outputs(command: str, workspace: Path) -> None:
                 assert r["collectives_per_step"] == (0 if r["W"] == 1 else 3), r
             if r["case"] == "eval_processes":
                 assert r["max_metric_difference"] == 0.0, r
+
+
+def _table_equals_single_results(table: pd.DataFrame, label: str, results: list[dict]) -> None:
+    """The comparison table's row of ``label`` holds every metric of that model's single-model ``results``."""
+    for result in results:
+        for metric, value in result["metrics"].items():
+            assert table.loc[label, f"{result['dataset']}/{metric}"] == pytest.approx(value, abs=1e-9), (label, metric)
+
+
+def _check_model_comparison(command: str, workspace: Path) -> None:
+    """One row per model, each equal to that model's results alone: ViT-B-32's from the single-model README
+    command on the same sets (run before), RN50's evaluated here."""
+    from clip_dro.evaluation.run import evaluate_from_cli
+
+    home = workspace / "home"
+    output = home / re.search(r"--output (\S+)", command).group(1)
+    table = pd.read_csv(output / "comparison.csv", index_col="model")
+    assert table.index.tolist() == ["tiny-vit ViT-B-32.pt", "tiny-vit RN50.pt"]
+    sets = [f"{workspace}/data/wds_mscoco_captions", f"{workspace}/data/wds_cifar10"]
+    alone = json.loads((home / "vit_b32_wds.json").read_text())
+    assert [r["dataset"] for r in alone["results"]] == [Path(s).name for s in sets]
+    _table_equals_single_results(table, "tiny-vit ViT-B-32.pt", alone["results"])
+    rn50 = evaluate_from_cli(model="tiny-vit", pretrained=workspace / "weights/RN50.pt", retrieval=sets[:1],
+                             zeroshot=sets[1:], output=workspace / "rn50_alone/eval.json")
+    _table_equals_single_results(table, "tiny-vit RN50.pt", rn50["results"])
+    assert not table.loc["tiny-vit RN50.pt"].equals(table.loc["tiny-vit ViT-B-32.pt"])  # two models, not one twice
+    assert (output / "comparison.md").read_text().count("\n| tiny-vit ") == 2 and (output / "comparison.png").is_file()
+
+
+def _check_quickstart_tail(output: Path, quickstart: Path) -> None:
+    """A row per run, equal to the quickstart's own evaluation of it, with the terciles' accuracy; each run's
+    document with its tail analysis over every held-out image."""
+    table = pd.read_csv(output / "comparison.csv", index_col="model")
+    assert table.index.tolist() == ["clip", "sogclr", "isogclr"]
+    own = json.loads((quickstart / "comparison.json").read_text())
+    held_out = json.loads((quickstart / "data/zeroshot/manifest.json").read_text())["num_samples"]
+    for loss in ("clip", "sogclr", "isogclr"):
+        document = json.loads((output / f"{loss}.json").read_text())
+        assert [r["dataset"] for r in document["results"]] == ["retrieval", "zeroshot"]
+        for result in document["results"]:
+            for metric, value in result["metrics"].items():
+                assert value == pytest.approx(own[loss][metric], abs=1e-9), (loss, metric)
+        _table_equals_single_results(table, loss, document["results"])
+        zeroshot = document["results"][1]["tail"]
+        assert sum(zeroshot["per_class"]["images"]) == held_out  # every image, by class
+        assert table.loc[loss, "zeroshot/tail:tail"] == pytest.approx(zeroshot["terciles"]["tail"]["accuracy"])
+        assert (output / "tail" / loss / "zeroshot_tail.png").is_file()
+    assert (output / "comparison.png").is_file()
 
 
 @pytest.mark.slow

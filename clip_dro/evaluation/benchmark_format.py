@@ -36,23 +36,27 @@ def benchmark_metrics(task: str, metrics: Mapping[str, float]) -> tuple[str, dic
                                        "mean_per_class_recall": metrics["mean_per_class_recall"] / 100}
 
 
-def _slug(text: str) -> str:
+def file_slug(text: str) -> str:
+    """``text`` as a plain file name: runs of other characters than letters, digits, ``.``, ``_`` and ``-``
+    become one ``-``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "none"
 
 
 def write_benchmark_results(document: Mapping[str, Any], directory: Path) -> list[Path]:
     """One CLIP_benchmark JSON per result of our ``document`` in ``directory``, named as CLIP_benchmark names
     them (``{dataset}_{pretrained}_{model}_{language}_{task}.json``, the weights file as its last two path
-    parts); returns the paths."""
+    parts, three for a checkpoint's ``model.pt`` so that runs differ: ``isogclr-final-model.pt``); returns the
+    paths."""
     directory.mkdir(parents=True, exist_ok=True)
     pretrained = document.get("pretrained")
-    weights = "random" if pretrained is None else "-".join(Path(pretrained).parts[-2:])
+    parts = 3 if document.get("checkpoint") else 2  # a checkpoint's model.pt: with the run's directory
+    weights = "random" if pretrained is None else "-".join(Path(pretrained).parts[-parts:])
     paths = []
     for result in document["results"]:
         task, metrics = benchmark_metrics(result["task"], result["metrics"])
         record = {"dataset": result["dataset"], "model": document["model"], "pretrained": pretrained or "",
                   "task": task, "metrics": metrics, "language": LANGUAGE}
-        path = directory / "_".join(_slug(part) for part in (result["dataset"], weights, document["model"],
+        path = directory / "_".join(file_slug(part) for part in (result["dataset"], weights, document["model"],
                                                               LANGUAGE, task))
         path = path.with_name(path.name + ".json")
         path.write_text(json.dumps(record) + "\n")

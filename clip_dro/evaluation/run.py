@@ -30,7 +30,7 @@ from clip_dro.data.eval_sets import (BadImage, EvalSetError, ImageBatch, ImageRe
 from clip_dro.errors import UserError
 from clip_dro.evaluation import tail
 from clip_dro.evaluation.any_model import load_any_model
-from clip_dro.evaluation.benchmark_format import collect_results, write_benchmark_results
+from clip_dro.evaluation.benchmark_format import collect_results, file_slug, write_benchmark_results
 from clip_dro.checkpoint import MODEL_FILE as MODEL_NAME
 from clip_dro.checkpoint import load_checkpoint_config, load_checkpoint_model, resolve_checkpoint
 from clip_dro.distributed import EvaluationStopped, Processes, launched_processes
@@ -45,6 +45,7 @@ RESULTS_NAME = "eval.json"
 ANALYSIS_DIR = "temperature_analysis"
 BENCHMARK_DIR = "clip_benchmark"  # CLIP_benchmark-shaped results, beside the results JSON
 TAIL_DIR = "tail"  # tail analysis plots, beside the results JSON
+COMPARISON_DIR = "comparison"  # the default output of an evaluation of several models
 ON_BAD_IMAGE = ("skip", "error")
 SKIPPED_LISTED = 10  # skipped images a result names; its count covers all
 
@@ -362,35 +363,78 @@ def _export(source: Path, export: Path) -> Path:
     return target
 
 
+PathLike = str | Path
+
+
+def _listed(value: Any) -> list:
+    """One value or a sequence of them (``None``: none) as a list; a string is one value."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, Path)) else list(value)
+
+
 @dataclass(frozen=True)
 class ModelUnderTest:
-    """What ``clip-dro eval`` evaluates: a checkpoint of ours (``checkpoint``, its directory) or an
-    architecture ``model`` with the weights file ``pretrained`` (and ``text_tower``)."""
+    """What ``clip-dro eval`` evaluates: a checkpoint of ours (``checkpoint``, its directory; ``named``, the
+    directory as the user named it) or an architecture ``model`` with the weights file ``pretrained`` (and
+    ``text_tower``)."""
 
     model: str
     pretrained: Optional[str]
     checkpoint: Optional[Path] = None
     text_tower: Optional[str] = None
     config: Optional[Config] = None
+    named: Optional[str] = None
 
     @classmethod
-    def from_options(cls, checkpoint: Optional[str | Path], model: Optional[str], pretrained: Optional[str | Path],
-                     text_tower: Optional[str]) -> "ModelUnderTest":
-        if (checkpoint is None) == (model is None):
-            raise EvalError("name what to evaluate: --checkpoint DIR (a run of ours) or --model NAME "
-                            "[--pretrained FILE], one of them")
-        if checkpoint is None:
-            return cls(model, None if pretrained is None else str(pretrained), text_tower=text_tower)
-        if pretrained is not None or text_tower is not None:
-            raise EvalError("--pretrained and --text-tower go with --model; a --checkpoint brings its own weights")
+    def of_checkpoint(cls, checkpoint: PathLike) -> "ModelUnderTest":
         ckpt_dir = resolve_checkpoint(checkpoint)
         cfg = load_checkpoint_config(ckpt_dir)
-        return cls(cfg.model.name, str(ckpt_dir / MODEL_NAME), ckpt_dir, cfg.model.text_tower, cfg)
+        return cls(cfg.model.name, str(ckpt_dir / MODEL_NAME), ckpt_dir, cfg.model.text_tower, cfg, str(checkpoint))
 
     def load(self) -> ModelBundle:
         if self.checkpoint is not None:
             return load_checkpoint_model(self.checkpoint)[0]
         return load_any_model(self.model, self.pretrained, self.text_tower)
+
+
+def models_under_test(checkpoints: Any = None, models: Any = None, pretrained: Any = None,
+                      text_towers: Any = None) -> list["ModelUnderTest"]:
+    """The models ``clip-dro eval`` is asked for, checkpoints first, then architectures, in the order given:
+    ``checkpoints`` (run or checkpoint directories), ``models`` (architecture names) with ``pretrained`` and
+    ``text_towers`` none or one per model, in order. Each argument is one value or a sequence of them."""
+    checkpoints, models = _listed(checkpoints), _listed(models)
+    pretrained, text_towers = _listed(pretrained), _listed(text_towers)
+    if not checkpoints and not models:
+        raise EvalError("name what to evaluate: --checkpoint DIR (a run of ours) or --model NAME "
+                        "[--pretrained FILE], one or more of them")
+    if (pretrained or text_towers) and not models:
+        raise EvalError("--pretrained and --text-tower go with --model; a --checkpoint brings its own weights")
+    for option, values in (("--pretrained", pretrained), ("--text-tower", text_towers)):
+        if values and len(values) != len(models):
+            raise EvalError(f"{option}: {len(values)} given for {len(models)} --model; give one per --model, in "
+                            "order (or none)")
+    return ([ModelUnderTest.of_checkpoint(c) for c in checkpoints]
+            + [ModelUnderTest(name, None if not pretrained else str(pretrained[i]),
+                              text_tower=None if not text_towers else text_towers[i], named=name)
+               for i, name in enumerate(models)])
+
+
+def model_labels(sources: Sequence[ModelUnderTest]) -> list[str]:
+    """A short distinct name per model, for the comparison table: a checkpoint's directory name (``runs/clip``:
+    ``clip``), an architecture's name; where two coincide, the checkpoint directory as named or the name with
+    the weights file (``ViT-B-32 b32_laion.pt``), then a number."""
+    def short(s: ModelUnderTest) -> str:
+        return Path(s.named).resolve().name if s.checkpoint is not None else s.model
+
+    def longer(s: ModelUnderTest) -> str:
+        if s.checkpoint is not None:
+            return s.named
+        return f"{s.model} {Path(s.pretrained).name if s.pretrained else 'random'}"
+
+    labels = [short(s) for s in sources]
+    labels = [longer(s) if labels.count(label) > 1 else label for s, label in zip(sources, labels)]
+    return [f"{label} #{i + 1}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
 
 
 def _check_train_data(train_data: Optional[str | Path]) -> None:
@@ -413,42 +457,103 @@ def _tail_report(outcome: SetOutcome, train_data: str | Path, plot_dir: Path) ->
     return tail.retrieval_tail(outcome.captions, outcome.caption_hit_at1, tail.caption_word_frequencies(train_data))
 
 
-def evaluate_from_cli(checkpoint: Optional[str | Path] = None, retrieval: Sequence[str | Path] = (),
-                      zeroshot: Sequence[str | Path] = (), output: Optional[str | Path] = None,
-                      batch_size: int = 256, export: Optional[str | Path] = None, workers: int = 0,
-                      on_bad_image: str = "skip", *, model: Optional[str] = None,
-                      pretrained: Optional[str | Path] = None, text_tower: Optional[str] = None,
-                      image_root: Sequence[str | Path] = (), split: str = "test",
-                      benchmark_dir: Optional[str | Path] = None,
-                      train_data: Optional[str | Path] = None) -> dict[str, Any]:
-    """``clip-dro eval``: evaluate a run directory's final (or latest) checkpoint or a checkpoint directory, or
-    architecture ``model`` with the weights file ``pretrained``, on the given sets (a checkpoint without sets:
-    its config's ``eval.retrieval`` and ``eval.zeroshot``; ``image_root`` and ``split`` as in
-    :func:`prepare_eval_sets`). Writes ``{"checkpoint", "model", "pretrained", "results": [...]}`` to ``output``
-    (default ``<checkpoint>/eval.json``, or ``eval.json`` here for ``model``), one CLIP_benchmark JSON per
-    result and the CSV of all of them in ``benchmark_dir`` (default ``clip_benchmark/`` beside ``output``),
-    prints a table, with ``train_data`` adds each result's ``tail`` analysis, analyses the temperatures when
-    the checkpoint has them, and copies the checkpoint's open_clip state dict to ``export`` when given.
+def evaluate_from_cli(checkpoint: Any = None, retrieval: Sequence[PathLike] = (), zeroshot: Sequence[PathLike] = (),
+                      output: Optional[PathLike] = None, batch_size: int = 256, export: Optional[PathLike] = None,
+                      workers: int = 0, on_bad_image: str = "skip", *, model: Any = None, pretrained: Any = None,
+                      text_tower: Any = None, image_root: Sequence[PathLike] = (), split: str = "test",
+                      benchmark_dir: Optional[PathLike] = None, train_data: Optional[PathLike] = None
+                      ) -> dict[str, Any]:
+    """``clip-dro eval``: evaluate one model or several (:func:`models_under_test`: run or checkpoint directories,
+    a run directory's final or latest checkpoint; architectures ``model`` with the weights files ``pretrained``)
+    on the given sets (a checkpoint without sets: its config's ``eval.retrieval`` and ``eval.zeroshot``;
+    ``image_root`` and ``split`` as in :func:`prepare_eval_sets`).
+
+    One model: writes ``{"checkpoint", "model", "pretrained", "results": [...]}`` to ``output`` (default
+    ``<checkpoint>/eval.json``, or ``eval.json`` here for ``model``), one CLIP_benchmark JSON per result and the
+    CSV of all of them in ``benchmark_dir`` (default ``clip_benchmark/`` beside ``output``), prints a table, with
+    ``train_data`` adds each result's ``tail`` analysis (plots in ``tail/`` beside ``output``), analyses the
+    temperatures when the checkpoint has them, copies the checkpoint's open_clip state dict to ``export`` when
+    given, and returns the document.
+
+    Several models: ``output`` is a directory (default ``comparison/``) that gets each model's document as
+    ``<label>.json`` (:func:`model_labels`), their CLIP_benchmark JSONs in one ``benchmark_dir`` (default
+    ``clip_benchmark/`` there), tail plots in ``tail/<label>/`` and the comparison of them all
+    (:func:`clip_dro.evaluation.tail.compare_models`: ``comparison.csv``, ``.md``, ``.png``); returns
+    ``{"models": {label: document}, "comparison": [csv, md, png]}``.
+
     ``workers`` and ``on_bad_image`` as in :class:`EvalOptions`. Under ``accelerate launch`` or ``torchrun``
-    every process encodes a slice of each set and the main process writes and prints. Returns the document."""
+    every process encodes a slice of each set and the main process writes and prints."""
     check_eval_options(batch_size, workers, on_bad_image)
-    source = ModelUnderTest.from_options(checkpoint, model, pretrained, text_tower)
-    retrieval, zeroshot = list(retrieval), list(zeroshot)
-    if source.config is not None and not retrieval and not zeroshot:
-        retrieval, zeroshot = list(source.config.eval.retrieval), list(source.config.eval.zeroshot)
-    if export is not None and source.checkpoint is None:
-        raise EvalError("--export copies a checkpoint's open_clip state dict; with --model the weights file "
-                        "already is one")
-    if not retrieval and not zeroshot and export is None:
-        config = (f", or set eval.retrieval/eval.zeroshot in {source.checkpoint / 'config.yaml'}"
-                  if source.checkpoint is not None else "")
-        raise EvalError(f"nothing to evaluate: pass --retrieval/--zeroshot{config}")
-    retrieval_sets, zeroshot_sets = prepare_eval_sets(retrieval, zeroshot, image_root=image_root, split=split)
+    sources = models_under_test(checkpoint, model, pretrained, text_tower)
+    several = len(sources) > 1
+    if export is not None and (several or sources[0].checkpoint is None):
+        raise EvalError("--export copies the open_clip state dict of one --checkpoint; with --model the weights "
+                        "file already is one")
+    if several and output is not None and Path(output).suffix.lower() == ".json":
+        raise EvalError(f"--output {output}: with several models it names a directory (each model's JSON and the "
+                        "comparison table go there), not a JSON file")
+    sets = _sets_of(sources, list(retrieval), list(zeroshot), export is not None, image_root, split)
     _check_train_data(train_data)
-    timeout = (source.config or Config()).train.collective_timeout_s
+    timeout = max((source.config or Config()).train.collective_timeout_s for source in sources)
     processes, device = launched_processes(timeout)
     main = processes.rank == 0
+    options = dict(batch_size=batch_size, workers=workers, on_bad_image=on_bad_image, processes=processes,
+                   device=device, train_data=train_data)
 
+    if not several:
+        source = sources[0]
+        default = source.checkpoint / RESULTS_NAME if source.checkpoint is not None else Path(RESULTS_NAME)
+        output = Path(output) if output is not None else default
+        benchmark_dir = Path(benchmark_dir) if benchmark_dir else output.parent / BENCHMARK_DIR
+        document = _evaluate_model(source, *sets[0], output=output, tail_dir=output.parent / TAIL_DIR,
+                                   benchmark_dir=benchmark_dir, **options)
+        if main and export is not None:
+            print(f"exported open_clip state dict: {_export(source.checkpoint / MODEL_NAME, Path(export))}")
+        return document
+
+    out_dir = Path(output) if output is not None else Path(COMPARISON_DIR)
+    benchmark_dir = Path(benchmark_dir) if benchmark_dir else out_dir / BENCHMARK_DIR
+    documents = {}
+    for label, source, (retrieval_sets, zeroshot_sets) in zip(model_labels(sources), sources, sets):
+        if main:
+            print(f"== {label} ==")
+        documents[label] = _evaluate_model(source, retrieval_sets, zeroshot_sets,
+                                           output=out_dir / f"{file_slug(label)}.json", benchmark_dir=benchmark_dir,
+                                           tail_dir=out_dir / TAIL_DIR / file_slug(label), **options)
+    paths = list(tail.compare_models(documents, out_dir)) if main else []
+    if main:
+        print(paths[1].read_text(encoding="utf-8"))
+        print(f"comparison of {len(documents)} models: {', '.join(map(str, paths))}")
+    return {"models": documents, "comparison": [str(p) for p in paths]}
+
+
+def _sets_of(sources: Sequence[ModelUnderTest], retrieval: list[PathLike], zeroshot: list[PathLike], exporting: bool,
+             image_root: Sequence[PathLike], split: str) -> list[tuple[list[RetrievalSetInfo], list[ZeroShotSet]]]:
+    """The checked sets of each model: those given, else a checkpoint's config's; each set checked once."""
+    checked: dict[tuple, tuple[list[RetrievalSetInfo], list[ZeroShotSet]]] = {}
+    out = []
+    for source in sources:
+        names = (retrieval, zeroshot)
+        if source.config is not None and not retrieval and not zeroshot:
+            names = (list(source.config.eval.retrieval), list(source.config.eval.zeroshot))
+        if not any(names) and not exporting:
+            config = (f", or set eval.retrieval/eval.zeroshot in {source.checkpoint / 'config.yaml'}"
+                      if source.checkpoint is not None else "")
+            raise EvalError(f"nothing to evaluate: pass --retrieval/--zeroshot{config}")
+        key = (tuple(map(str, names[0])), tuple(map(str, names[1])))
+        if key not in checked:
+            checked[key] = prepare_eval_sets(*names, image_root=image_root, split=split)
+        out.append(checked[key])
+    return out
+
+
+def _evaluate_model(source: ModelUnderTest, retrieval_sets: list[RetrievalSetInfo], zeroshot_sets: list[ZeroShotSet],
+                    *, output: Path, benchmark_dir: Path, tail_dir: Path, batch_size: int, workers: int,
+                    on_bad_image: str, processes: Processes, device: torch.device | str,
+                    train_data: Optional[PathLike]) -> dict[str, Any]:
+    """One model's document (see :func:`evaluate_from_cli`), written by the main process with its CLIP_benchmark
+    JSONs and tail plots; then the temperature analysis of a checkpoint that has temperatures."""
+    main = processes.rank == 0
     bundle = source.load()
     document: dict[str, Any] = {"checkpoint": None if source.checkpoint is None else str(source.checkpoint),
                                 "model": source.model, "pretrained": source.pretrained, "results": []}
@@ -458,16 +563,12 @@ def evaluate_from_cli(checkpoint: Optional[str | Path] = None, retrieval: Sequen
         outcomes = evaluate_outcomes(options, retrieval_sets, zeroshot_sets)
         document["results"] = [outcome.result for outcome in outcomes]
         if main:
-            default = source.checkpoint / RESULTS_NAME if source.checkpoint is not None else Path(RESULTS_NAME)
-            output = Path(output) if output is not None else default
             if train_data is not None:
                 for outcome in outcomes:
-                    outcome.result["tail"] = _tail_report(outcome, train_data, output.parent / TAIL_DIR)
-            _write_results(document, output, Path(benchmark_dir) if benchmark_dir else output.parent / BENCHMARK_DIR)
+                    outcome.result["tail"] = _tail_report(outcome, train_data, tail_dir)
+            _write_results(document, output, benchmark_dir)
     if main and source.checkpoint is not None:
         _run_temperature_analysis(source.checkpoint, source.config.data.train)
-        if export is not None:
-            print(f"exported open_clip state dict: {_export(source.checkpoint / MODEL_NAME, Path(export))}")
     return document
 
 
