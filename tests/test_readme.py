@@ -295,7 +295,9 @@ def test_readme_command(command, workspace):
         # The README preps COCO's test split only; Flickr30K's is prepared the same way.
         shutil.copytree(workspace / "data/coco_karpathy_test", workspace / "data/flickr30k_karpathy_test")
     if re.search(r"\btrain --config |launch/multinode.sh |sbatch ", runnable):
-        shutil.rmtree(workspace / "home/runs", ignore_errors=True)  # each command starts its own run
+        # Each command starts its own run; other runs stay for the commands that evaluate them.
+        output_dir = yaml.safe_load(_config_of(runnable).read_text())["train"]["output_dir"]
+        shutil.rmtree(workspace / "home" / output_dir, ignore_errors=True)
     proc = run_command(runnable, workspace)
     assert proc.returncode == 0, f"{runnable}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     _check_outputs(runnable, workspace)

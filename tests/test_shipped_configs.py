@@ -104,9 +104,11 @@ def start_overrides(name: str, standin, out) -> list[str]:
 
 
 def tiny_model_overrides(model: dict) -> list[str]:
-    """``model.*`` overrides that put the tiny ViT in place of a config's model (its other keys to defaults)."""
+    """``model.*`` overrides that put the tiny ViT in place of a config's model (its other keys to defaults,
+    but the locks, which the tiny ViT takes as they are, so a locked config keeps its feature cache)."""
     defaults = dataclasses.asdict(ModelConfig())
-    changed = {key: defaults[key] for key, value in model.items() if key != "name" and value != defaults[key]}
+    changed = {key: defaults[key] for key, value in model.items()
+               if key != "name" and not key.startswith("lock_") and value != defaults[key]}
     return ["model.name=tiny-vit"] + [f"model.{key}={yaml.safe_dump(value).splitlines()[0]}"
                                       for key, value in changed.items()]
 
