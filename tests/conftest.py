@@ -3,11 +3,29 @@ hf_tower, losses_reference) and in clip_dro.bench: the one launcher of ``clip-dr
 (``launch``) and the fault scenarios (``faults``), which bench/ uses too."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from evalgen import BAD, write_eval_sets
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory) -> Callable[[str], Path]:
+    """``tmp_path_factory.mktemp`` for the files a test module's fixtures share; what it made goes when the
+    module is done: runs keep checkpoints of tens of MB, and a suite that kept every module's would fill a CI
+    disk."""
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

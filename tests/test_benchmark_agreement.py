@@ -29,8 +29,8 @@ def _accuracy(output, target, topk=(1,)):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("agreement")
+def setup(module_tmp):
+    root = module_tmp("agreement")
     write_wds_retrieval(root / "wds_captions", num_images=30, captions_per_image=5, seed=100)
     write_wds_classification(root / "wds_animals", CLASSES, per_class=5, templates=TEMPLATES)
     torch.manual_seed(3)

@@ -51,8 +51,8 @@ class _Archive(torch.nn.Module):
 
 
 @pytest.fixture(scope="module")
-def openai_style(tmp_path_factory):
-    root = tmp_path_factory.mktemp("weights")
+def openai_style(module_tmp):
+    root = module_tmp("weights")
     (root / "configs").mkdir()
     (root / "configs" / "tiny-openai-style.json").write_text(json.dumps(OPENAI_STYLE))
     open_clip.add_model_config(root / "configs")

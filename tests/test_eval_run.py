@@ -77,8 +77,8 @@ class Direct:
 
 
 @pytest.fixture(scope="module")
-def sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sets")
+def sets(module_tmp):
+    root = module_tmp("sets")
     make_retrieval_set(root / "coco_test", num_images=11, shard_size=4, seed=1)
     make_zeroshot_shards(root / "zs_shards", ["cat", "dog", "bird", "fish", "horse", "cow"], per_class=2,
                          shard_size=5, templates=TEMPLATES)

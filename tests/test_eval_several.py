@@ -17,8 +17,8 @@ from evalgen import CLASSES, TEMPLATES, make_checkpoint, make_retrieval_set, mak
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("several")
+def inputs(module_tmp) -> Path:
+    root = module_tmp("several")
     make_retrieval_set(root / "ret", num_images=8, seed=2)
     make_zeroshot_shards(root / "zs", CLASSES, per_class=2, templates=TEMPLATES)
     make_train_set(root / "train", {"cat": 0.5, "dog": 0.3, "bird": 0.1, "fish": 0.05})

@@ -9,8 +9,8 @@ pytestmark = pytest.mark.slow  # every scenario runs clip-dro in processes
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
-    return faults.reference_runs(data, tmp_path_factory.mktemp("reference"))
+def reference(data, module_tmp):
+    return faults.reference_runs(data, module_tmp("reference"))
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

@@ -28,8 +28,8 @@ def noisy(image):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("loader")
+def data(module_tmp) -> Path:
+    tmp = module_tmp("loader")
     csv, root = captions_table(tmp, NUM_IMAGES, lambda i: 1 + i % 3)
     prep_table(input=csv, output=tmp / "data", image_col="filepath", caption_col="title", image_root=root,
                shard_size=4, workers=1, shuffle=False)  # sample i shows image id i
@@ -251,9 +251,9 @@ def test_plan_is_linear_in_shards():
 
 
 @pytest.fixture(scope="module")
-def uneven(tmp_path_factory) -> Path:
+def uneven(module_tmp) -> Path:
     """50 samples in 13 shards (12 of 4, one of 2): lanes get unequal numbers of whole shards."""
-    tmp = tmp_path_factory.mktemp("uneven")
+    tmp = module_tmp("uneven")
     csv, root = captions_table(tmp, 50, lambda i: 1 + i % 2)
     prep_table(input=csv, output=tmp / "d", image_col="filepath", caption_col="title", image_root=root,
                shard_size=4, workers=1, shuffle=False)

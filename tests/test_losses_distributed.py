@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow  # every test reads the records of a torchrun of t
 
 
 @pytest.fixture(scope="module")
-def two_process_records(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("dist")
+def two_process_records(module_tmp) -> list[dict]:
+    out = module_tmp("dist")
     done = launch.run([str(out)], nproc=2, entry=[str(Path(worker.__file__))], timeout=180,
                       env=launch.environment(PYTHONWARNINGS="ignore"))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -37,9 +37,9 @@ def random_permutation_entropy(samples: int = 400) -> float:
 
 
 @pytest.fixture(scope="module")
-def sorted_table(tmp_path_factory) -> tuple[Path, Path]:
+def sorted_table(module_tmp) -> tuple[Path, Path]:
     """384 images, 24 per class, rows sorted by class (image id // 24)."""
-    tmp = tmp_path_factory.mktemp("sorted")
+    tmp = module_tmp("sorted")
     (tmp / "images").mkdir()
     jpeg = image_bytes(0, size=(8, 8))
     for i in range(CLASSES * PER_CLASS):

@@ -29,10 +29,10 @@ SHARD_SIZE = 4
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory) -> tuple[Path, Path]:
+def table(module_tmp) -> tuple[Path, Path]:
     """30 images with 1-2 captions, plus rows that are rejected (a missing file, a damaged image, an empty
     caption): 8 shards of up to 4 samples."""
-    tmp = tmp_path_factory.mktemp("table")
+    tmp = module_tmp("table")
     names = write_images(tmp / "images", range(30))
     (tmp / "images" / "damaged.jpg").write_bytes(image_bytes(0)[:60])
     rows = [(names[i], caption(i, j)) for j in range(2) for i in range(30) if j == 0 or i % 3 == 0]
@@ -54,8 +54,8 @@ def files(directory: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def reference(table, tmp_path_factory) -> dict[str, bytes]:
-    out = tmp_path_factory.mktemp("ref") / "out"
+def reference(table, module_tmp) -> dict[str, bytes]:
+    out = module_tmp("ref") / "out"
     assert cli(argv(table, out)) == 0
     return files(out)
 

@@ -21,8 +21,8 @@ WEB_SCALE = 4000  # the quickstart's num_train, where design.md §3.4's frequenc
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("syn") / "data"
+def synthetic(module_tmp) -> Path:
+    out = module_tmp("syn") / "data"
     prep_synthetic(output=out, num_train=NUM_TRAIN, seed=3, workers=2)
     return out
 

@@ -65,8 +65,8 @@ def read_samples(directory: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def stamps(tmp_path_factory) -> Path:
-    return make_stamps(tmp_path_factory.mktemp("stamps"))
+def stamps(module_tmp) -> Path:
+    return make_stamps(module_tmp("stamps"))
 
 
 def test_splits_labels_and_counts_without_svg_renderer(stamps, tmp_path):

@@ -128,11 +128,11 @@ SLURM_STANDINS = {
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
+def workspace(module_tmp) -> Path:
     """What the README's commands name, in miniature: an img2dataset download of CC3M (332 tars, some
     downloads failed), Karpathy JSONs with their images, a parquet table, Flickr30K and ImageNet-val
     stand-ins; a working directory with the repository's configs/, launch/ and bench/."""
-    root = tmp_path_factory.mktemp("readme")
+    root = module_tmp("readme")
     data = root / "data"
     (data / "cc3m").mkdir(parents=True)
     for shard in range(332):

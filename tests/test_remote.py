@@ -36,9 +36,9 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def www(tmp_path_factory):
+def www(module_tmp):
     """(served directory, its URL): an HTTP server on 127.0.0.1 in a thread of this process."""
-    root = tmp_path_factory.mktemp("www")
+    root = module_tmp("www")
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

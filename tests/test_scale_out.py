@@ -22,8 +22,8 @@ def _args(data_dir, out, nproc: int, **extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("two") / "run"
+def two_process_run(data, module_tmp):
+    out = module_tmp("two") / "run"
     done = launch.run(_args(data, out, 2), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     return out

@@ -41,10 +41,10 @@ def test_layout_holds_at_the_process_counts_each_config_is_meant_for(name):
 
 
 @pytest.fixture(scope="module")
-def standin(tmp_path_factory):
+def standin(module_tmp):
     """CC3M in miniature: 640 images in 80 shards (more than the GPU configs' 64 lanes), plus small
     retrieval and zero-shot sets."""
-    root = tmp_path_factory.mktemp("standin")
+    root = module_tmp("standin")
     table, images = captions_table(root, 640, 1)
     prep_table(input=table, output=root / "train", image_col="filepath", caption_col="title", image_root=images,
                shard_size=8, workers=1)

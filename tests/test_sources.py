@@ -33,10 +33,10 @@ def width_and_id(image):
 
 
 @pytest.fixture(scope="module")
-def two(tmp_path_factory) -> list[Path]:
+def two(module_tmp) -> list[Path]:
     dirs = []
     for name, (count, size) in SIZES.items():
-        tmp = tmp_path_factory.mktemp(name)
+        tmp = module_tmp(name)
         csv, root = captions_table(tmp, count, lambda i: 1 + i % 3, size=size)
         prep_table(input=csv, output=tmp / "data", image_col="filepath", caption_col="title", image_root=root,
                    shard_size=4, workers=1, shuffle=False)  # sample i shows image id i
@@ -145,19 +145,19 @@ def cli_args(dirs, out, **extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> list[Path]:
+def synthetic(module_tmp) -> list[Path]:
     """Two synthetic sets (96 and 64 samples, 6 and 4 shards), both recording concepts, and a third (32) that
     no run trains on."""
-    root = tmp_path_factory.mktemp("synthetic_sources")
+    root = module_tmp("synthetic_sources")
     for name, count, seed in (("a", 96, 1), ("b", 64, 2), ("c", 32, 3)):
         prep_synthetic(output=root / name, num_train=count, seed=seed, workers=1)
     return [root / "a/train", root / "b/train", root / "c/train"]
 
 
 @pytest.fixture(scope="module")
-def two_source_run(synthetic, tmp_path_factory) -> Path:
+def two_source_run(synthetic, module_tmp) -> Path:
     """One epoch (160 samples = 10 global batches of 16) over both sources, on 2 processes."""
-    out = tmp_path_factory.mktemp("two_sources") / "run"
+    out = module_tmp("two_sources") / "run"
     done = launch.run(cli_args(synthetic[:2], out, **{"data.batch_size": 8, "train.epochs": 1,
                                                       "train.checkpoint_every": 5}), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]

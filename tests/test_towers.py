@@ -61,9 +61,9 @@ def miniature():
 
 
 @pytest.fixture(scope="module")
-def paper(tmp_path_factory):
+def paper(module_tmp):
     """The paper's towers from stand-in files, and the same model with random towers."""
-    overrides = paper_setup_overrides(tmp_path_factory.mktemp("paper"))
+    overrides = paper_setup_overrides(module_tmp("paper"))
     cfg = load_config(CONFIGS_DIR / "cc3m_isogclr.yaml", overrides)
     pretrained = build_model(**vars(cfg.model))
     random = build_model(cfg.model.name, text_tower=cfg.model.text_tower, text_tower_pretrained=False)

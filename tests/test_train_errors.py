@@ -16,9 +16,9 @@ SHARD = "loss_state/shard-00000-of-00001.pt"
 
 
 @pytest.fixture(scope="module")
-def full_run(data, tmp_path_factory):
+def full_run(data, module_tmp):
     """Six steps with a loader worker, a checkpoint every three."""
-    out = tmp_path_factory.mktemp("runs") / "full"
+    out = module_tmp("runs") / "full"
     run(data, out, **{"data.workers": 1})
     return out
 

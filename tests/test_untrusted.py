@@ -42,9 +42,9 @@ def prep_csv(table: Path, output: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory) -> Path:
+def table(module_tmp) -> Path:
     """Twelve images with two captions each, as a CSV."""
-    root = tmp_path_factory.mktemp("table")
+    root = module_tmp("table")
     names = write_images(root / "images", range(12))
     rows = [(names[i], f"item {i} caption {j}") for i in range(12) for j in range(2)]
     pd.DataFrame(rows, columns=["image", "caption"]).to_csv(root / "pairs.csv", index=False)
@@ -52,8 +52,8 @@ def table(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prepped(table, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("prepped") / "train"
+def prepped(table, module_tmp) -> Path:
+    out = module_tmp("prepped") / "train"
     assert main(prep_csv(table, out, "--shard-size", "4")) == 0
     return out
 

@@ -28,9 +28,9 @@ PER_SAMPLE = ("img.tau", "txt.tau", "img.log_s", "txt.log_s", "img.m", "txt.m", 
 
 
 @pytest.fixture(scope="module")
-def pretrained(data, tmp_path_factory) -> Path:
+def pretrained(data, module_tmp) -> Path:
     """A finished 1-process iSogCLR run whose temperatures moved."""
-    final = train(load_config(TINY, overrides(data, tmp_path_factory.mktemp("warm") / "a")))
+    final = train(load_config(TINY, overrides(data, module_tmp("warm") / "a")))
     assert read_loss_state(final)["img.tau"].unique().numel() > 1
     return final
 

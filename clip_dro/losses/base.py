@@ -1,6 +1,7 @@
 """What every loss shares: hyperparameters, step/epoch counters, input checks and the global batch."""
 from __future__ import annotations
 
+import math
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from clip_dro.losses.schedules import check_rho, gamma_at
 from clip_dro.losses.state import LossStateSizeError, SideState, StateShard, check_indices, reshard
 
 STATE_LAYOUTS = ("sharded", "replicated")
+MAX_LOGIT_SCALE = 100.0
 
 
 @dataclass
@@ -47,7 +49,8 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
 
 
 class ContrastiveLoss(nn.Module, ABC):
-    """Base of CLIPLoss, SogCLRLoss, ISogCLRLoss and RGCLgLoss (see their docstrings).
+    """Base of every loss: CLIPLoss, SogCLRLoss, ISogCLRLoss, RGCLgLoss (through GatheredBatchLoss) and
+    SigLIPLoss (see their docstrings).
 
     Counters ``step`` (forward calls so far: the temperature warm-up counts these) and ``epoch`` (the last
     ``set_epoch``) and the dataset ``sizes`` are buffers, so ``state_dict()`` resumes them exactly; loading a
@@ -195,20 +198,13 @@ class ContrastiveLoss(nn.Module, ABC):
         self.load_state_dict(mine)
 
     # -- the step ------------------------------------------------------------------------------------------
+    @abstractmethod
     def forward(self, image_features: Tensor, text_features: Tensor, image_index: Tensor,
                 text_index: Tensor) -> Tensor:
         """The loss of this step, after updating the per-sample state (see the class docstring)."""
-        batch = self._global_batch(image_features, text_features, image_index, text_index)
-        with torch.autocast(device_type=batch.image.device.type, enabled=False):
-            loss = self._step_loss(batch)
-        self._count_step()
-        return loss
 
-    @abstractmethod
-    def _step_loss(self, batch: GlobalBatch) -> Tensor:
-        """Update the per-sample state from ``batch`` and return the loss to backpropagate."""
-
-    def _global_batch(self, image: Tensor, text: Tensor, image_index: Tensor, text_index: Tensor) -> GlobalBatch:
+    def _check_inputs(self, image: Tensor, text: Tensor, image_index: Tensor, text_index: Tensor) -> tuple[int, int]:
+        """Check one process's features and indices against this loss; returns (rank, world size)."""
         if image.dim() != 2 or text.shape != image.shape:
             raise ValueError(f"image and text features must both be (batch, dim); got {tuple(image.shape)} and "
                              f"{tuple(text.shape)}")
@@ -225,9 +221,32 @@ class ContrastiveLoss(nn.Module, ABC):
                              f"laid out for them); torch.distributed now has {world_size}")
         if local * world_size < 2:
             raise ValueError(f"global batch of {local * world_size}: contrastive losses need at least 2 pairs")
+        return rank, world_size
+
+
+class GatheredBatchLoss(ContrastiveLoss):
+    """A loss computed from the global batch that every process gathers (features without gradient, indices)
+    and differentiated in closed form: subclasses implement ``_step_loss``."""
+
+    def forward(self, image_features: Tensor, text_features: Tensor, image_index: Tensor,
+                text_index: Tensor) -> Tensor:
+        batch = self._global_batch(image_features, text_features, image_index, text_index)
+        with torch.autocast(device_type=batch.image.device.type, enabled=False):
+            loss = self._step_loss(batch)
+        self._count_step()
+        return loss
+
+    @abstractmethod
+    def _step_loss(self, batch: GlobalBatch) -> Tensor:
+        """Update the per-sample state from ``batch`` and return the loss to backpropagate."""
+
+    def _global_batch(self, image: Tensor, text: Tensor, image_index: Tensor, text_index: Tensor) -> GlobalBatch:
+        rank, world_size = self._check_inputs(image, text, image_index, text_index)
+        local = image.shape[0]
         self._check_rho_once(local * world_size)
         dtype = torch.float64 if torch.float64 in (image.dtype, text.dtype) else torch.float32
         image, text = image.to(dtype), text.to(dtype)
+        device = self.sizes.device
         image_index, text_index = image_index.to(device, torch.int64), text_index.to(device, torch.int64)
         image_all, text_all, image_index_all, text_index_all = gather_batch(image, text, image_index, text_index,
                                                                            world_size)
@@ -239,6 +258,28 @@ class ContrastiveLoss(nn.Module, ABC):
             message = check_rho(self.rho, global_batch)
             if message is not None:
                 warnings.warn(message, UserWarning, stacklevel=6)  # at the caller of loss(...)
+
+
+class LearnedLogitScale:
+    """For a loss with one learnable temperature, ``logit_scale`` = log(1/τ) (an ``nn.Parameter`` the loss
+    creates): τ seen per sample, and the clamp to [0, log 100] after each optimizer step, as open_clip's
+    training loop clamps."""
+
+    logit_scale: nn.Parameter
+    num_images: int
+    num_texts: int
+
+    @property
+    def tau_img(self) -> Tensor:
+        return expanded(torch.exp(-self.logit_scale.detach()), self.num_images)
+
+    @property
+    def tau_txt(self) -> Tensor:
+        return expanded(torch.exp(-self.logit_scale.detach()), self.num_texts)
+
+    def after_optimizer_step(self) -> None:
+        with torch.no_grad():
+            self.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
 
 
 def expanded(value: Tensor, length: int) -> Tensor:

@@ -8,10 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from clip_dro.distributed import gather_rows
-from clip_dro.losses.base import ContrastiveLoss, GlobalBatch, expanded
+from clip_dro.losses.base import GatheredBatchLoss, GlobalBatch, LearnedLogitScale
 from clip_dro.losses.gradient import with_closed_form_gradient
-
-MAX_LOGIT_SCALE = 100.0
 
 
 class SoftmaxSums(NamedTuple):
@@ -31,7 +29,7 @@ def softmax_sums(sim: Tensor, scale: Tensor) -> SoftmaxSums:
     return SoftmaxSums(exps, total, peak + torch.log(total), torch.linalg.vecdot(exps, sim) / total)
 
 
-class CLIPLoss(ContrastiveLoss):
+class CLIPLoss(LearnedLogitScale, GatheredBatchLoss):
     """Symmetric cross-entropy over the global batch, numerically open_clip's ``ClipLoss`` (local loss,
     gather with gradient) with ``logit_scale.exp()`` as the scale.
 
@@ -50,18 +48,6 @@ class CLIPLoss(ContrastiveLoss):
     def __init__(self, num_images: int, num_texts: int, **kwargs) -> None:
         super().__init__(num_images, num_texts, **kwargs)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / self.tau_init)))
-
-    @property
-    def tau_img(self) -> Tensor:
-        return expanded(torch.exp(-self.logit_scale.detach()), self.num_images)
-
-    @property
-    def tau_txt(self) -> Tensor:
-        return expanded(torch.exp(-self.logit_scale.detach()), self.num_texts)
-
-    def after_optimizer_step(self) -> None:
-        with torch.no_grad():
-            self.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
 
     def _step_loss(self, batch: GlobalBatch) -> Tensor:
         dtype, world = batch.image.dtype, batch.world_size

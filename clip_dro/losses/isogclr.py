@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from clip_dro.distributed import gather_rows
-from clip_dro.losses.base import ContrastiveLoss, GlobalBatch
+from clip_dro.losses.base import GatheredBatchLoss, GlobalBatch
 from clip_dro.losses.gradient import with_closed_form_gradient
 from clip_dro.losses.state import SideState, fetch_batch_state
 from clip_dro.losses.updates import (FixedTau, GlobalTau, IndividualTau, TauPolicy, TauStep, duplicate_groups,
@@ -87,7 +87,7 @@ def _coefficients(img: AnchorSums, txt: AnchorSums, sim_rows: Tensor, sim_cols: 
     return rows, columns_t.T
 
 
-class RobustLoss(ContrastiveLoss):
+class RobustLoss(GatheredBatchLoss):
     """The two-sided robust contrastive loss (design.md §4.1); each subclass chooses how τ is kept
     (``temperatures``)."""
 

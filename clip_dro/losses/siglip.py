@@ -9,9 +9,7 @@ from open_clip.loss import SigLipLoss as OpenClipSigLipLoss
 from torch import Tensor, nn
 
 from clip_dro.distributed import process_group
-from clip_dro.losses.base import ContrastiveLoss, GlobalBatch, expanded
-from clip_dro.losses.clip import MAX_LOGIT_SCALE
-from clip_dro.losses.state import check_indices
+from clip_dro.losses.base import ContrastiveLoss, LearnedLogitScale
 
 # open_clip_train's initialisation under --siglip (the SigLIP paper's): scale 10, bias -10.
 INIT_LOGIT_SCALE = math.log(10.0)
@@ -34,7 +32,7 @@ class _MeanGradientOverProcesses(torch.autograd.Function):
         return grads[0], grads[1]
 
 
-class SigLIPLoss(ContrastiveLoss):
+class SigLIPLoss(LearnedLogitScale, ContrastiveLoss):
     """open_clip's ``SigLipLoss`` (its default bidirectional neighbour exchange under torch.distributed) with a
     learnable ``logit_scale`` (log space, initialised to log 10) and ``logit_bias`` (initialised to -10) owned
     by this module, as open_clip_train initialises them under ``--siglip``. Put ``loss.parameters()`` in the
@@ -59,31 +57,10 @@ class SigLIPLoss(ContrastiveLoss):
         rank, world_size = process_group()
         self.siglip = OpenClipSigLipLoss(rank=rank, world_size=world_size)
 
-    @property
-    def tau_img(self) -> Tensor:
-        return expanded(torch.exp(-self.logit_scale.detach()), self.num_images)
-
-    @property
-    def tau_txt(self) -> Tensor:
-        return expanded(torch.exp(-self.logit_scale.detach()), self.num_texts)
-
-    def after_optimizer_step(self) -> None:
-        with torch.no_grad():
-            self.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
-
     def forward(self, image_features: Tensor, text_features: Tensor, image_index: Tensor,
                 text_index: Tensor) -> Tensor:
         # No global batch is gathered: open_clip's loss exchanges the text features itself.
-        if image_features.dim() != 2 or text_features.shape != image_features.shape:
-            raise ValueError(f"image and text features must both be (batch, dim); got "
-                             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}")
-        local = image_features.shape[0]
-        check_indices(image_index, self.num_images, "image_index", local)
-        check_indices(text_index, self.num_texts, "text_index", local)
-        _, world_size = process_group()
-        if world_size != self.world_size:
-            raise ValueError(f"this loss was built with {self.world_size} processes; torch.distributed now has "
-                             f"{world_size}")
+        _, world_size = self._check_inputs(image_features, text_features, image_index, text_index)
         dtype = torch.float64 if torch.float64 in (image_features.dtype, text_features.dtype) else torch.float32
         with torch.autocast(device_type=image_features.device.type, enabled=False):
             # In the features' precision, so that the processes' gradients are averaged before rounding to the
@@ -104,5 +81,3 @@ class SigLIPLoss(ContrastiveLoss):
         self._count_step()
         return loss + (value - loss.detach())
 
-    def _step_loss(self, batch: GlobalBatch) -> Tensor:
-        raise NotImplementedError("SigLIPLoss.forward computes the loss without gathering a global batch")
