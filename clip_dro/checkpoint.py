@@ -2,7 +2,8 @@
 atomically, found again (for resuming and for evaluation), checked against the dataset they are resumed on,
 and loaded at any number of processes; and the files of learned temperatures, written and read here.
 
-A checkpoint directory holds accelerate's state (model, optimizer, gradient scaler, every process's RNG),
+A checkpoint directory holds accelerate's state (optimizer, gradient scaler, every process's RNG; not the
+model's weights, which ``model.pt`` holds once),
 ``loss_state/shard-R-of-W.pt`` (process R's shard of the loss's per-sample state, written by R),
 ``trainer_state.json`` (position in the data, schedule, dataset fingerprint), ``trackers.json`` (the tracker
 runs a resumed run continues, for runs that report to TensorBoard or W&B), ``model.pt`` (an open_clip state
@@ -384,7 +385,12 @@ def save_checkpoint(acc: Accelerator, final_dir: Path, loss_fn: ContrastiveLoss,
     acc.wait_for_everyone()
     error: Optional[Exception] = None
     try:
-        acc.save_state(str(tmp_dir))
+        # model.pt (below) holds the weights in the form open_clip loads; accelerate would write them again.
+        skip_weights = acc.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+        try:
+            acc.save_state(str(tmp_dir))
+        finally:
+            skip_weights.remove()
         # On the CPU: a multi-process CPU run tags its tensors cpu:0, a location torch.load cannot restore.
         torch.save({k: v.cpu() for k, v in loss_fn.state_dict().items()},
                    tmp_dir / LOSS_STATE_DIR / shard_name(rank, world, "pt"))
@@ -455,18 +461,23 @@ def load_checkpoint_model(directory: str | Path) -> tuple[ModelBundle, Config]:
     return bundle, cfg
 
 
-def load_checkpoint(acc: Accelerator, directory: Path, loss_fn: ContrastiveLoss) -> TrainerState:
-    """Restore accelerate's state and this process's shard of the loss state (re-sharded when the checkpoint
-    was written by another number of processes); returns the trainer state."""
+def load_checkpoint(acc: Accelerator, directory: Path, model: torch.nn.Module, loss_fn: ContrastiveLoss) -> TrainerState:
+    """Restore accelerate's state (optimizer, RNGs), the open_clip ``model``'s weights from ``model.pt`` (in
+    place: the prepared model holds the same parameters) and this process's shard of the loss state
+    (re-sharded when the checkpoint was written by another number of processes); returns the trainer state."""
     state = TrainerState.read(directory)
+    skip_weights = acc.register_load_state_pre_hook(lambda models, input_dir: models.clear())
     try:
         acc.load_state(str(directory))
+        model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
         loss_fn.load_state_shards(loss_state_shards(directory))
     except UserError:
         raise
     except Exception as exc:  # truncated or damaged files: torch, safetensors and pickle raise many kinds
         raise CheckpointError(f"checkpoint {directory} cannot be loaded ({first_line(exc)}); resume from "
                               "another checkpoint (train.resume=PATH)") from None
+    finally:
+        skip_weights.remove()
     return state
 
 

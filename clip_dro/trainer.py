@@ -188,7 +188,7 @@ class Trainer:
         return final_dir
 
     def _load(self, directory: Path) -> None:
-        state = load_checkpoint(self.accelerator, directory, self.loss_fn)
+        state = load_checkpoint(self.accelerator, directory, self.bundle.model, self.loss_fn)
         self.scheduler.load_state_dict(state.scheduler)
         self.global_step, self.epoch, self.step_in_epoch = state.global_step, state.epoch, state.step_in_epoch
         self.accelerator.print(f"resumed from {directory} at step {self.global_step}")
