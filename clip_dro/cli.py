@@ -163,20 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: _call("clip_dro.compare", "run_compare", config=a.config, losses=a.losses,
                                        seeds=a.seeds, epochs=a.epochs, output=a.output, overrides=a.overrides))
 
-    p = sub.add_parser("quickstart", help="prep synthetic data, train CLIP/SogCLR/iSogCLR on the CPU, compare")
+    p = sub.add_parser("quickstart", help="prep synthetic data, compare CLIP/SogCLR/iSogCLR over seeds on the CPU")
     p.add_argument("--output", type=Path, default=Path("quickstart"))
-    p.add_argument("--steps", type=int, default=None, help="training steps per loss (default: the setup config's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the setup config's)")
     p.add_argument("--num-train", type=int, default=None, help="synthetic training images (default 4000)")
-    p.add_argument("--setup", choices=["pretrained", "scratch"], default="pretrained",
-                   help="pretrained: EfficientNet-Lite0 + MiniLM fine-tuned, as the paper fine-tunes its towers "
-                        "(pretrained_cpu.yaml, default); scratch: a tiny ViT from random weights (tiny_cpu.yaml)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="training seed (default 0): the same data, another initialization and batch order")
+    # The names of quickstart.SETUPS, not imported here: parsing the command line needs no torch.
+    p.add_argument("--setup", choices=["locked", "pretrained", "scratch"], default="locked",
+                   help="locked: heads on frozen pretrained towers from cached features (locked_cpu.yaml, default, "
+                        "5 seeds); pretrained: EfficientNet-Lite0 + MiniLM fine-tuned, as the paper fine-tunes "
+                        "its towers (pretrained_cpu.yaml, 1 seed); scratch: a tiny ViT from random weights "
+                        "(tiny_cpu.yaml, 1 seed)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="training seeds per loss (0..N-1: the same data, another initialization and batch order; "
+                        "default: the setup's)")
     p.add_argument("--losses", default="clip,sogclr,isogclr",
                    help="comma-separated loss.name values to train and compare (default clip,sogclr,isogclr; "
                         "also rgclg, siglip)")
     p.set_defaults(run=lambda a: _call("clip_dro.quickstart", "run_quickstart", output=a.output, steps=a.steps,
-                                       num_train=a.num_train, setup=a.setup, seed=a.seed, losses=a.losses))
+                                       num_train=a.num_train, setup=a.setup, seeds=a.seeds, losses=a.losses))
 
     p = sub.add_parser("bench", help="benchmark suite: loss step, train step, loader, prep (ratios)")
     p.add_argument("--output", type=Path, default=Path("bench.json"))

@@ -344,9 +344,10 @@ def validate(cfg: Config) -> Config:
     _check(t.accum_steps >= 1, "train.accum_steps", t.accum_steps, "must be >= 1")
     _check(d.batch_size % t.accum_steps == 0, "train.accum_steps", t.accum_steps,
            f"must divide data.batch_size ({d.batch_size}) into equal micro-batches")
-    _check(t.init_from is None or t.resume is None, "train.init_from", t.init_from,
-           f"starts a new run and cannot be combined with train.resume ({t.resume!r}); a run started "
-           "from a checkpoint resumes with train.init_from=null")
+    _check(t.init_from is None or t.resume in (None, "latest"), "train.init_from", t.init_from,
+           f"starts a new run and cannot be combined with train.resume={t.resume} (a checkpoint to continue); "
+           "with train.resume=latest a run resumes its own latest checkpoint and starts from init_from only "
+           "when it has none")
     _check(t.init_from is not None or not t.init_optimizer, "train.init_optimizer", t.init_optimizer,
            "needs train.init_from (the checkpoint whose optimizer state to load)")
     _check(len(set(t.report_to)) == len(t.report_to), "train.report_to", t.report_to, "names a tracker twice")

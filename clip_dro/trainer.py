@@ -116,7 +116,9 @@ class Trainer:
         self.resume_from = resolve_resume(cfg.train.resume, self.run_dir)
         if self.resume_from is not None:
             check_resumable(self.resume_from, cfg, self.sources, self.global_batch, self.lanes)
-        init_from = resolve_init_from(cfg.train.init_from, self.run_dir, self.sources, cfg.model.name, cfg.loss.name)
+        # A run that has a checkpoint of its own (train.resume=latest, a requeued job) continues it instead.
+        init_from = None if self.resume_from is not None else resolve_init_from(
+            cfg.train.init_from, self.run_dir, self.sources, cfg.model.name, cfg.loss.name)
 
         set_seed(cfg.train.seed)
         self.bundle = build_model(**vars(cfg.model))

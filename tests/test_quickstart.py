@@ -1,62 +1,78 @@
-"""The quickstart on a shrunken budget: every loss trained, evaluated and compared, files written."""
+"""The quickstart on a shrunken budget: every (loss, seed) trained on the synthetic data, evaluated on its
+held-out sets and compared; resumable and refusing other settings."""
+import itertools
 import json
 import math
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from clip_dro.errors import UserError
-
-from clip_dro.quickstart import LOSSES, TABLE_METRICS, run_quickstart
+from clip_dro.quickstart import LOSSES, run_quickstart
 
 pytestmark = pytest.mark.slow  # trains every loss
 
 
-def test_quickstart_writes_a_consistent_comparison(tmp_path):
-    table = run_quickstart(tmp_path, steps=2, num_train=480, setup="scratch")
-    written = json.loads((tmp_path / "comparison.json").read_text())
-    assert written == json.loads(json.dumps(table)) and list(written) == list(LOSSES)
-    for loss, row in written.items():
-        assert set(TABLE_METRICS) <= set(row), loss
-        recalls = [row[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
-        assert math.isclose(row["r_mean"], sum(recalls) / 6)
-        assert all(0 <= r <= 100 for r in recalls) and 0 <= row["acc1"] <= 100
-    runs = tmp_path / "runs"
-    taus = pd.read_csv(runs / "isogclr/final/temperatures.csv")
-    assert math.isclose(written["isogclr"]["tau_img_mean"], taus[taus.side == "image"].tau.mean(), rel_tol=1e-6)
-    # Two steps leave τ inside its warm-up, so the correlation is undefined; it must come from the analysis.
-    summary = json.loads((tmp_path / "temperatures/isogclr/summary.json").read_text())
-    for side, short in (("image", "img"), ("text", "txt")):
-        for suffix, field in (("", "spearman"), ("_per_concept", "spearman_per_concept")):
-            key = f"tau_{short}_freq_spearman{suffix}"
-            assert key in written["isogclr"] and written["sogclr"][key] is None
-            assert written["isogclr"][key] == summary["concept_frequency"][side][field]
-    assert written["sogclr"]["tau_img_mean"] == 0.05 and written["sogclr"]["tau_img_freq_spearman"] is None
-    logit_scale = torch.load(runs / "clip/final/model.pt")["logit_scale"]
-    assert math.isclose(written["clip"]["tau_txt_mean"], math.exp(-float(logit_scale)), rel_tol=1e-6)
-    markdown = (tmp_path / "comparison.md").read_text().splitlines()
-    assert markdown[0] == "| metric | clip | sogclr | isogclr |" and len(markdown) == 2 + len(TABLE_METRICS)
-    assert (tmp_path / "comparison.png").stat().st_size > 0
-    assert (tmp_path / "temperatures/isogclr/tau_vs_frequency.png").is_file()
+def _runs(output) -> dict[tuple[str, int], dict]:
+    return {(r["loss"], r["seed"]): r for r in json.loads((output / "comparison.json").read_text())["runs"]}
 
-    # Over the same directory: the same settings resume (nothing retrained, the same table); other settings
-    # are refused in one line instead of reporting the old runs as new.
-    assert run_quickstart(tmp_path, steps=2, num_train=480, setup="scratch") == table
-    with pytest.raises(UserError, match=r"holds a quickstart run with other settings .*train.max_steps = 2, "
-                                        r"this run has 3"):
-        run_quickstart(tmp_path, steps=3, num_train=480, setup="scratch")
-    with pytest.raises(UserError, match=r"other settings .*train.seed = 0, this run has 1"):
-        run_quickstart(tmp_path, steps=2, num_train=480, setup="scratch", seed=1)
+
+def test_quickstart_compares_every_loss_over_paired_seeds(tmp_path):
+    table = run_quickstart(tmp_path, steps=2, num_train=480, setup="scratch", seeds=2)
+    runs = _runs(tmp_path)
+    assert sorted(runs) == sorted(itertools.product(LOSSES, range(2)))
+    for (loss, seed), run in runs.items():
+        config = yaml.safe_load((tmp_path / f"runs/{loss}-seed{seed}/config.yaml").read_text())
+        assert config["data"]["train"] == str(tmp_path / "data/train") and config["train"]["seed"] == seed
+        assert config["eval"]["zeroshot"] == [str(tmp_path / "data/zeroshot")] and config["model"]["name"] == "tiny-vit"
+        metrics = run["metrics"]
+        recalls = [metrics[f"retrieval/{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+        assert math.isclose(metrics["retrieval/r_mean"], sum(recalls) / 6)
+        assert 0 <= metrics["zeroshot/acc1"] <= 100
+    # The table is the runs' statistics: mean over seeds, and the paired difference from CLIP seed by seed.
+    written = pd.read_csv(tmp_path / "comparison.csv")
+    pd.testing.assert_frame_equal(written, table, check_dtype=False)
+    row = table[(table.metric == "zeroshot/acc1") & (table.loss == "isogclr")].iloc[0]
+    values = [runs[("isogclr", s)]["metrics"]["zeroshot/acc1"] for s in range(2)]
+    assert row["mean"] == pytest.approx(sum(values) / 2)
+    assert row["diff_seed_1"] == pytest.approx(values[1] - runs[("clip", 1)]["metrics"]["zeroshot/acc1"])
+    # Temperatures: iSogCLR's from its temperatures.csv, SogCLR's fixed, CLIP's learned one from model.pt.
+    taus = pd.read_csv(tmp_path / "runs/isogclr-seed0/final/temperatures.csv")
+    assert runs[("isogclr", 0)]["metrics"]["tau_img_mean"] == pytest.approx(taus[taus.side == "image"].tau.mean())
+    assert runs[("sogclr", 0)]["metrics"]["tau_img_mean"] == 0.05
+    logit_scale = torch.load(tmp_path / "runs/clip-seed1/final/model.pt")["logit_scale"]
+    assert runs[("clip", 1)]["metrics"]["tau_txt_mean"] == pytest.approx(math.exp(-float(logit_scale)))
+    assert "| zeroshot/acc1 | isogclr |" in (tmp_path / "comparison.md").read_text()
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+    assert (tmp_path / "temperatures/isogclr-seed1/tau_vs_frequency.png").is_file()
+
+    # Over the same directory: the same settings reuse every run (the same table); other settings are refused
+    # in one line instead of reporting the old runs as new.
+    again = run_quickstart(tmp_path, steps=2, num_train=480, setup="scratch", seeds=2)
+    pd.testing.assert_frame_equal(again, table)
+    assert all(r["reused"] for r in _runs(tmp_path).values())
+    with pytest.raises(UserError, match=r"holds a run with other settings .*train.max_steps = 2, this run has 3"):
+        run_quickstart(tmp_path, steps=3, num_train=480, setup="scratch", seeds=2)
     with pytest.raises(UserError, match="already holds another dataset"):
-        run_quickstart(tmp_path, steps=2, num_train=400, setup="scratch")
-    assert json.loads((tmp_path / "comparison.json").read_text()) == written
+        run_quickstart(tmp_path, steps=2, num_train=400, setup="scratch", seeds=2)
+
+
+def test_default_setup_trains_heads_on_locked_towers_from_the_feature_cache(tmp_path):
+    table = run_quickstart(tmp_path, steps=2, num_train=480, seeds=1)
+    assert set(table.loss) == set(LOSSES)
+    config = yaml.safe_load((tmp_path / "runs/isogclr-seed0/config.yaml").read_text())
+    assert config["model"]["lock_image"] and config["model"]["lock_text"]
+    assert config["model"]["name"] == "efficientnet-lite0-minilm" and config["data"]["feature_cache"] == "dataset"
+    caches = list((tmp_path / "data/train/feature_cache").glob("*/meta.json"))
+    assert len(caches) == 1 and json.loads(caches[0].read_text())["complete"]  # one cache, shared by the losses
+    with pytest.raises(UserError, match="holds a run with other settings .*model.name"):
+        run_quickstart(tmp_path, steps=2, num_train=480, setup="scratch", seeds=1)
 
 
 def test_pretrained_setup_fine_tunes_the_pretrained_towers(tmp_path):
     table = run_quickstart(tmp_path, steps=2, num_train=480, setup="pretrained")
-    assert list(table) == list(LOSSES) and all(0 <= row["r_mean"] <= 100 for row in table.values())
-    config = (tmp_path / "runs/isogclr/config.yaml").read_text()
-    assert "efficientnet-lite0-minilm" in config and "package:efficientnet_lite0" in config
-    with pytest.raises(UserError, match="holds a quickstart run with other settings .*model.name"):
-        run_quickstart(tmp_path, steps=2, num_train=480, setup="scratch")
+    assert set(table.loss) == set(LOSSES) and set(_runs(tmp_path)) == {(loss, 0) for loss in LOSSES}
+    config = yaml.safe_load((tmp_path / "runs/isogclr-seed0/config.yaml").read_text())
+    assert config["model"]["pretrained_image"] == "package:efficientnet_lite0" and not config["model"]["lock_image"]

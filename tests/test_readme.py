@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 BIN = Path(sys.executable).parent
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
+QUICKSTART_RUNS = ("clip", "sogclr", "isogclr")  # the default --losses
 
 
 def fenced_blocks(text: str, lang: str) -> list[str]:
@@ -93,7 +94,7 @@ def scaled(command: str, workspace: Path) -> Optional[str]:
     if command.startswith("clip-dro prep"):
         return command + " --shard-size 8"
     if command.startswith("clip-dro quickstart"):
-        return command + " --steps 2 --num-train 480"
+        return command + " --steps 2 --num-train 480 --seeds 2"
     if command.startswith("clip-dro bench"):
         return command + " --quick"
     if command.startswith("python bench/gpu_check.py"):
@@ -224,7 +225,9 @@ def _check_outputs(command: str, workspace: Path) -> None:
         table = pd.read_csv(output / "comparison.csv")
         assert set(table["loss"]) == set(losses) and (output / "comparison.png").is_file()
     elif command.startswith("clip-dro quickstart"):
-        assert set(json.loads((home / "quickstart/comparison.json").read_text())) == {"clip", "sogclr", "isogclr"}
+        runs = json.loads((home / "quickstart/comparison.json").read_text())["runs"]
+        assert sorted((r["loss"], r["seed"]) for r in runs) == sorted(itertools.product(QUICKSTART_RUNS, range(2)))
+        assert set(pd.read_csv(home / "quickstart/comparison.csv")["loss"]) == set(QUICKSTART_RUNS)
     elif command.startswith("clip-dro bench"):
         results = json.loads((home / "bench.json").read_text())["results"]
         assert {"loss_step", "train_step", "loader", "prep", "state_bytes", "checkpoint_write",
@@ -265,23 +268,25 @@ def _check_model_comparison(command: str, workspace: Path) -> None:
 
 
 def _check_quickstart_tail(output: Path, quickstart: Path) -> None:
-    """A row per run, equal to the quickstart's own evaluation of it, with the terciles' accuracy; each run's
-    document with its tail analysis over every held-out image."""
+    """A row per run (the quickstart's seed 0 of each loss), equal to the quickstart's own evaluation of it, with
+    the terciles' accuracy; each run's document with its tail analysis over every held-out image."""
+    names = [f"{loss}-seed0" for loss in QUICKSTART_RUNS]
     table = pd.read_csv(output / "comparison.csv", index_col="model")
-    assert table.index.tolist() == ["clip", "sogclr", "isogclr"]
-    own = json.loads((quickstart / "comparison.json").read_text())
+    assert table.index.tolist() == names
+    own = {f"{r['loss']}-seed{r['seed']}": r["metrics"]
+           for r in json.loads((quickstart / "comparison.json").read_text())["runs"]}
     held_out = json.loads((quickstart / "data/zeroshot/manifest.json").read_text())["num_samples"]
-    for loss in ("clip", "sogclr", "isogclr"):
-        document = json.loads((output / f"{loss}.json").read_text())
+    for name in names:
+        document = json.loads((output / f"{name}.json").read_text())
         assert [r["dataset"] for r in document["results"]] == ["retrieval", "zeroshot"]
         for result in document["results"]:
             for metric, value in result["metrics"].items():
-                assert value == pytest.approx(own[loss][metric], abs=1e-9), (loss, metric)
-        _table_equals_single_results(table, loss, document["results"])
+                assert value == pytest.approx(own[name][f"{result['dataset']}/{metric}"], abs=1e-9), (name, metric)
+        _table_equals_single_results(table, name, document["results"])
         zeroshot = document["results"][1]["tail"]
         assert sum(zeroshot["per_class"]["images"]) == held_out  # every image, by class
-        assert table.loc[loss, "zeroshot/tail:tail"] == pytest.approx(zeroshot["terciles"]["tail"]["accuracy"])
-        assert (output / "tail" / loss / "zeroshot_tail.png").is_file()
+        assert table.loc[name, "zeroshot/tail:tail"] == pytest.approx(zeroshot["terciles"]["tail"]["accuracy"])
+        assert (output / "tail" / name / "zeroshot_tail.png").is_file()
     assert (output / "comparison.png").is_file()
 
 

@@ -146,8 +146,8 @@ def test_quickstart_compares_siglip_from_the_cli(tmp_path):
     code = main(["quickstart", "--output", str(tmp_path), "--steps", "2", "--num-train", "480", "--setup", "scratch",
                  "--losses", "clip,siglip"])
     assert code == 0
-    table = json.loads((tmp_path / "comparison.json").read_text())
-    assert list(table) == ["clip", "siglip"] and all(0 <= row["r_mean"] <= 100 for row in table.values())
+    runs = {r["loss"]: r["metrics"] for r in json.loads((tmp_path / "comparison.json").read_text())["runs"]}
+    assert list(runs) == ["clip", "siglip"] and all(0 <= m["retrieval/r_mean"] <= 100 for m in runs.values())
     # SigLIP's one learned temperature, read from its model.pt: it moved from 1/10 in two steps
-    assert table["siglip"]["tau_img_mean"] == table["siglip"]["tau_txt_mean"] != pytest.approx(0.1, abs=1e-9)
-    assert "siglip" in (tmp_path / "comparison.md").read_text()
+    assert runs["siglip"]["tau_img_mean"] == runs["siglip"]["tau_txt_mean"] != pytest.approx(0.1, abs=1e-9)
+    assert "| siglip |" in (tmp_path / "comparison.md").read_text()

@@ -1,5 +1,6 @@
 """Warm start (train.init_from): a new run from a checkpoint's weights and per-sample state, refusals in one line."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,26 @@ def test_changed_max_steps_on_resume_points_to_init_from(data, pretrained, tmp_p
                                                                        "train.max_steps": 9})))
 
 
+@pytest.mark.slow
+def test_requeued_warm_start_resumes_its_own_checkpoint(data, pretrained, tmp_path, capsys):
+    """What launch/slurm.sbatch runs: train.resume=latest with train.init_from. The first start warm-starts; the
+    same command again (a requeued job) resumes the run's own latest checkpoint instead of starting over."""
+    cfg = load_config(TINY, overrides(data, tmp_path / "run", **{
+        "train.init_from": str(pretrained), "train.resume": "latest", "train.checkpoint_every": 2}))
+    first = train(cfg)
+    assert f"started from {pretrained}" in capsys.readouterr().out
+    reference = {"model": torch.load(first / "model.pt"), "loss": read_loss_state(first)}
+    for later in [first, *(tmp_path / "run/checkpoints").glob("step-*")]:  # as if killed after step 2's
+        if later.name != "step-2":
+            shutil.rmtree(later)
+    again = train(cfg)
+    out = capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'run/checkpoints/step-2'} at step 2" in out and "started from" not in out
+    for part, saved in (("model", torch.load(again / "model.pt")), ("loss", read_loss_state(again))):
+        assert saved.keys() == reference[part].keys()
+        assert all(torch.equal(saved[k], reference[part][k]) for k in saved), part
+
+
 def fake_checkpoint(directory: Path, manifest, **changes) -> Path:
     """A directory with only a trainer_state.json: enough for the checks that refuse it."""
     directory.mkdir(parents=True)
@@ -99,8 +120,8 @@ def fake_checkpoint(directory: Path, manifest, **changes) -> Path:
 def test_init_from_refusals_are_one_line(data, tmp_path):
     manifest = load_manifest(data / "train")
     with pytest.raises(ConfigError, match=r"train.init_from: 'x' starts a new run and cannot be combined with "
-                                          r"train.resume \('latest'\)"):
-        load_config(TINY, ["train.init_from=x", "train.resume=latest"])
+                                          r"train.resume=runs/a/final \(a checkpoint to continue\)"):
+        load_config(TINY, ["train.init_from=x", "train.resume=runs/a/final"])
     with pytest.raises(ConfigError, match="train.init_optimizer: True needs train.init_from"):
         load_config(TINY, ["train.init_optimizer=true"])
     other = fake_checkpoint(tmp_path / "other", manifest, dataset_id="0123abcd", num_images=99)
