@@ -461,7 +461,8 @@ def load_checkpoint_model(directory: str | Path) -> tuple[ModelBundle, Config]:
     return bundle, cfg
 
 
-def load_checkpoint(acc: Accelerator, directory: Path, model: torch.nn.Module, loss_fn: ContrastiveLoss) -> TrainerState:
+def load_checkpoint(acc: Accelerator, directory: Path, model: torch.nn.Module,
+                    loss_fn: ContrastiveLoss) -> TrainerState:
     """Restore accelerate's state (optimizer, RNGs), the open_clip ``model``'s weights from ``model.pt`` (in
     place: the prepared model holds the same parameters) and this process's shard of the loss state
     (re-sharded when the checkpoint was written by another number of processes); returns the trainer state."""

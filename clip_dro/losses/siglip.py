@@ -80,4 +80,3 @@ class SigLIPLoss(LearnedLogitScale, ContrastiveLoss):
                           "logit_bias": self.logit_bias.detach().clone()}
         self._count_step()
         return loss + (value - loss.detach())
-
