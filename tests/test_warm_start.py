@@ -43,7 +43,7 @@ def test_warm_start_loads_weights_every_temperature_and_optionally_the_optimizer
     cfg = load_config(TINY, overrides(data, tmp_path / "b", **{"train.init_from": str(pretrained),
                                                                 "train.init_optimizer": "true", "train.lr": 2e-4,
                                                                 "train.max_steps": 10}))
-    trainer = Trainer(cfg, _accelerator("fp32", tmp_path / "b", 60))
+    trainer = Trainer(cfg, _accelerator("fp32", tmp_path / "b", 60, ["jsonl"]))
     saved, state = read_loss_state(pretrained), trainer.loss_fn.state_dict()
     for key in PER_SAMPLE:
         assert torch.equal(state[key], saved[key]), key
@@ -59,7 +59,7 @@ def test_warm_start_loads_weights_every_temperature_and_optionally_the_optimizer
     assert [g["lr"] for g in loaded["param_groups"]] == trainer.scheduler.get_last_lr()
     assert all(g["initial_lr"] == 2e-4 for g in loaded["param_groups"])
     without = Trainer(load_config(TINY, overrides(data, tmp_path / "c", **{"train.init_from": str(pretrained)})),
-                      _accelerator("fp32", tmp_path / "c", 60))
+                      _accelerator("fp32", tmp_path / "c", 60, ["jsonl"]))
     assert without.optimizer.state_dict()["state"] == {}
 
 
