@@ -25,7 +25,7 @@ def test_quickstart_compares_every_loss_over_paired_seeds(tmp_path):
     assert sorted(runs) == sorted(itertools.product(LOSSES, range(2)))
     for (loss, seed), run in runs.items():
         config = yaml.safe_load((tmp_path / f"runs/{loss}-seed{seed}/config.yaml").read_text())
-        assert config["data"]["train"] == str(tmp_path / "data/train") and config["train"]["seed"] == seed
+        assert config["data"]["train"] == [str(tmp_path / "data/train")] and config["train"]["seed"] == seed
         assert config["eval"]["zeroshot"] == [str(tmp_path / "data/zeroshot")] and config["model"]["name"] == "tiny-vit"
         metrics = run["metrics"]
         recalls = [metrics[f"retrieval/{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
