@@ -11,8 +11,8 @@ What is compared, and why it is fair
       is left out on both sides: it is the model's cost, the same for both.
     * Zero-shot: the classifier build of ``classes`` ImageNet class names x open_clip's 80 OpenAI ImageNet
       templates with the same model (the tiny ViT, random weights, the same seed), tokenizer and prompts:
-      ours (:func:`clip_dro.evaluation.zeroshot.zero_shot_classifier`, 10 classes per forward) against
-      CLIP_benchmark's ``zero_shot_classifier`` (one class per forward), fp32 on both sides.
+      ours (:func:`clip_dro.evaluation.zeroshot.zero_shot_classifier`, whole classes up to 128 prompts per
+      forward) against CLIP_benchmark's ``zero_shot_classifier`` (one class per forward), fp32 on both sides.
 
 Each side runs in a fresh process (spawn), so that one side's memory cannot flatter the other. Peak memory
 is that of the first call: the growth of the process's peak resident set (``VmHWM``, reset through

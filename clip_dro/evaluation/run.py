@@ -36,7 +36,7 @@ from clip_dro.checkpoint import load_checkpoint_config, load_checkpoint_model, r
 from clip_dro.distributed import EvaluationStopped, Processes, launched_processes
 from clip_dro.evaluation.retrieval import recall_metrics, retrieval_ranks
 from clip_dro.evaluation.temperatures import analyze_temperatures
-from clip_dro.evaluation.zeroshot import (CLASSES_PER_BATCH, classification_metrics, top1_predictions,
+from clip_dro.evaluation.zeroshot import (classes_per_forward, classification_metrics, top1_predictions,
                                           zero_shot_classifier)
 from clip_dro.manifest import is_url, load_manifest
 from clip_dro.models import ModelBundle
@@ -215,7 +215,7 @@ def classify_zeroshot_set(zs: ZeroShotSet, options: EvalOptions) -> tuple[torch.
     zero-shot set, and the images that could not be decoded. With several ``processes`` each embeds its slice
     of the classes and classifies its slice of the images; every process gets the whole, in set order."""
     model, processes, device = options.model, options.processes, options.device
-    classes = processes.part(len(zs.classnames), CLASSES_PER_BATCH)
+    classes = processes.part(len(zs.classnames), classes_per_forward(len(zs.templates)))
 
     def embed_classes() -> torch.Tensor:
         if options.should_stop():
