@@ -9,7 +9,7 @@ metric by more than the losses differ, so the default compares five.
 Setups (``SETUPS``): ``locked`` (the default, ``locked_cpu.yaml``): heads trained on frozen pretrained towers
 from cached features, five seeds of 20 epochs each; ``pretrained`` (``pretrained_cpu.yaml``): both towers
 fine-tuned, as the paper fine-tunes, one seed; ``scratch`` (``tiny_cpu.yaml``): a tiny ViT from random weights,
-one seed. A fine-tuned run costs what fifteen locked ones do, hence their single seed.
+one seed. A fine-tuned run costs what about seven locked ones do, hence their single seed.
 """
 from __future__ import annotations
 
