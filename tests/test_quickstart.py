@@ -11,6 +11,7 @@ import yaml
 
 from clip_dro.errors import UserError
 from clip_dro.quickstart import LOSSES, run_quickstart
+from clip_dro.resources import CONFIGS_DIR
 
 pytestmark = pytest.mark.slow  # trains every loss
 
@@ -65,6 +66,10 @@ def test_default_setup_trains_heads_on_locked_towers_from_the_feature_cache(tmp_
     config = yaml.safe_load((tmp_path / "runs/isogclr-seed0/config.yaml").read_text())
     assert config["model"]["lock_image"] and config["model"]["lock_text"]
     assert config["model"]["name"] == "efficientnet-lite0-minilm" and config["data"]["feature_cache"] == "dataset"
+    # The shipped configs/locked_cpu.yaml itself was trained: its model and learning rate, the quickstart's data.
+    shipped = yaml.safe_load((CONFIGS_DIR / "locked_cpu.yaml").read_text())
+    assert {key: config["model"][key] for key in shipped["model"]} == shipped["model"]
+    assert config["train"]["lr"] == shipped["train"]["lr"] and config["train"]["epochs"] == shipped["train"]["epochs"]
     caches = list((tmp_path / "data/train/feature_cache").glob("*/meta.json"))
     assert len(caches) == 1 and json.loads(caches[0].read_text())["complete"]  # one cache, shared by the losses
     with pytest.raises(UserError, match="holds a run with other settings .*model.name"):
