@@ -196,6 +196,14 @@ def _log_file(args: argparse.Namespace) -> Optional[Path]:
     return args.output / "quickstart.log" if args.command == "quickstart" else None
 
 
+def _write_line(line: str) -> None:
+    """One write with its newline: processes of one torchrun share stderr, and print's two writes (text, then
+    newline) let two processes' messages run together on one line."""
+    sys.stderr.flush()
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable = args.run
@@ -206,10 +214,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as exc:
         # One line, whatever raised it: a message that quotes a multi-line cause is folded.
         message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"clip-dro {args.command}: error: {message}", file=sys.stderr)
+        _write_line(f"clip-dro {args.command}: error: {message}")
         return 2
     except KeyboardInterrupt:
-        print(f"clip-dro {args.command}: interrupted", file=sys.stderr)
+        _write_line(f"clip-dro {args.command}: interrupted")
         return 130
     return 0
 

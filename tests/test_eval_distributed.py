@@ -47,7 +47,9 @@ def test_bad_image_error_in_one_slice_stops_every_process(tmp_path, bad_sets):
     done = launch.run(["eval", "--checkpoint", str(ckpt), "--retrieval", str(bad_sets[0] / "coco_test"),
                        "--batch-size", str(BATCH), "--workers", "1", "--on-bad-image", "error"], nproc=2)
     assert done.returncode != 0
-    errors = [line for line in done.stderr.splitlines() if line.startswith("clip-dro eval: error: ")]
+    # Split on the prefix, not on lines: the two processes write to one pipe, and a line is not the unit of that.
+    errors = ["clip-dro eval: error: " + part.splitlines()[0]
+              for part in done.stderr.split("clip-dro eval: error: ")[1:]]
     assert len(errors) == 2 and errors[0] == errors[1], done.stderr[-3000:]
     assert "shard-00001.tar: sample 000000005: cannot decode the image" in errors[0]
     # (torchrun itself then reports the failed children with a traceback of its own)
