@@ -12,7 +12,9 @@ reused, not retrained; an interrupted one resumes from its latest checkpoint (``
 
 Writes into OUTPUT: ``comparison.csv``, ``comparison.md`` and ``comparison.json`` (the table: per metric and
 loss the mean ± sd over seeds, every seed's value, the differences from the first loss per seed with their
-mean and bootstrap 95 % interval; the JSON adds every run's metrics), ``comparison.png`` (per-seed points,
+mean and bootstrap 95 % interval; the JSON adds every run's metrics), ``pairwise.csv`` (the same differences
+for every pair of losses, e.g. iSogCLR − SogCLR; also in the Markdown with three losses or more and in the
+JSON), ``comparison.png`` (per-seed points,
 lines joining a seed's runs, mean ± sd per loss) and ``temperatures/LOSS-seedS/`` (the temperature analysis
 of runs with per-sample temperatures).
 """
@@ -35,7 +37,7 @@ from clip_dro.config import Config, load_config, parse_override
 from clip_dro.data.sources import TrainSources
 from clip_dro.data.train_loader import check_layout
 from clip_dro.errors import UserError
-from clip_dro.evaluation.comparison import LEVEL, RESAMPLES, comparison_table
+from clip_dro.evaluation.comparison import LEVEL, RESAMPLES, comparison_table, pairwise_table
 from clip_dro.evaluation.temperatures import analyze_temperatures
 from clip_dro.resources import resolve_config_path
 from clip_dro.trainer import train
@@ -207,6 +209,17 @@ def markdown(table: pd.DataFrame, seeds: int, baseline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pairwise_markdown(pairs: pd.DataFrame) -> str:
+    """The differences between robust losses too: a row per (metric, later loss − earlier loss)."""
+    lines = ["| metric | difference | mean [95 % CI] | seeds above |", "|---|---|---:|---:|"]
+    for row in pairs.to_dict("records"):
+        interval = (f" [{_signed(row['diff_ci_low'])}, {_signed(row['diff_ci_high'])}]"
+                    if math.isfinite(row["diff_ci_low"]) else "")
+        lines.append(f"| {row['metric']} | {row['loss']} − {row['versus']} | {_signed(row['diff_mean'])}{interval} "
+                     f"| {int(row['diff_positive'])}/{int(row['n_pairs'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(runs: pd.DataFrame, losses: Sequence[str], metrics: Sequence[str], path: Path, title: str) -> None:
     """Per metric: each seed's value per loss (a seed's runs joined by a line) and the mean ± sd."""
     from matplotlib.figure import Figure
@@ -253,7 +266,11 @@ def run_compare(config: Path, losses: str | Sequence[str], seeds: int, output: P
     metrics = evaluated + [m for m in TEMPERATURE_METRICS if m in frame.columns]
     table = comparison_table(frame, losses, metrics, resamples=resamples)
     table.to_csv(output / "comparison.csv", index=False)
+    pairs = pairwise_table(frame, losses, metrics, resamples=resamples)
+    pairs.to_csv(output / "pairwise.csv", index=False)
     text = markdown(table, seeds, losses[0])
+    if len(losses) > 2:  # with two, the pairs are the table's differences
+        text += "\nEvery pair of losses, paired by seed:\n\n" + pairwise_markdown(pairs)
     (output / "comparison.md").write_text(text)
     document = {
         "config": str(config), "losses": losses, "seeds": list(range(seeds)), "epochs": epochs,
@@ -263,6 +280,7 @@ def run_compare(config: Path, losses: str | Sequence[str], seeds: int, output: P
                   "metrics": {k: _json_safe(v) for k, v in r.items() if k not in ("loss", "seed")}}
                  for r, run, was in zip(rows, runs, reused)],
         "table": [{k: _json_safe(v) for k, v in record.items()} for record in table.to_dict("records")],
+        "pairwise": [{k: _json_safe(v) for k, v in record.items()} for record in pairs.to_dict("records")],
     }
     (output / "comparison.json").write_text(json.dumps(document, indent=2) + "\n")
     main = [m for m in evaluated if m.endswith(("/r_mean", "/acc1"))] or evaluated[:4]
@@ -270,5 +288,5 @@ def run_compare(config: Path, losses: str | Sequence[str], seeds: int, output: P
          f"{Path(config).name}: {len(losses)} losses × {seeds} seeds" + (f", {epochs} epochs" if epochs else ""))
     print(text)
     print(f"written: {output / 'comparison.csv'}, {output / 'comparison.md'}, {output / 'comparison.json'}, "
-          f"{output / 'comparison.png'}")
+          f"{output / 'pairwise.csv'}, {output / 'comparison.png'}")
     return table

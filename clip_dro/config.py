@@ -134,6 +134,8 @@ class EvalConfig:
 # The choices of the loss.* keys, for the losses' own checks when they are built outside a run.
 GammaSchedule = Literal["constant", "cosine"]
 StateDevice = Literal["accelerator", "cpu"]
+LossName = Literal["clip", "sogclr", "isogclr", "rgclg", "siglip"]  # each built by clip_dro.losses.factory
+LOSS_NAMES: tuple[str, ...] = typing.get_args(LossName)
 GAMMA_SCHEDULES: tuple[str, ...] = typing.get_args(GammaSchedule)
 STATE_DEVICES: tuple[str, ...] = typing.get_args(StateDevice)
 
@@ -142,7 +144,7 @@ STATE_DEVICES: tuple[str, ...] = typing.get_args(StateDevice)
 class LossConfig:
     """The ``loss.*`` keys; their defaults (the paper's code) are also the losses' keyword defaults."""
 
-    name: Literal["clip", "sogclr", "isogclr", "rgclg", "siglip"] = "isogclr"
+    name: LossName = "isogclr"
     gamma: float = 0.8
     rho: float = 6.0
     tau_init: float = 0.01

@@ -104,6 +104,13 @@ def test_compare_tabulates_every_run_pairs_by_seed_and_reuses_finished_runs(data
     assert not any(r["reused"] for r in document["runs"])
     markdown = (out / "comparison.md").read_text()
     assert "| retrieval/r_mean | isogclr |" in markdown
+    # Two losses: the one pair is the table's difference, in pairwise.csv and the JSON, not again in the Markdown.
+    pairs = pd.read_csv(out / "pairwise.csv").set_index("metric")
+    assert set(zip(pairs["loss"], pairs["versus"])) == {("isogclr", "clip")}
+    for metric, pair in pairs.iterrows():
+        for key in ("diff_mean", "diff_ci_low", "diff_ci_high", "diff_positive"):
+            assert pair[key] == pytest.approx(table.loc[(metric, "isogclr")][key]), (metric, key)
+    assert len(document["pairwise"]) == len(pairs) and "Every pair" not in markdown
     assert (out / "comparison.png").stat().st_size > 0
 
     finals = sorted((out / "runs").glob("*/final"))

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clip_dro.evaluation.comparison import bootstrap_ci, comparison_table, mean_sd, paired_differences
+from clip_dro.evaluation.comparison import (bootstrap_ci, comparison_table, mean_sd, paired_differences,
+                                           pairwise_table)
 
 
 def test_mean_sd_is_the_sample_statistics_of_the_finite_values():
@@ -100,3 +101,20 @@ def test_comparison_table_rows():
     spearman = table.loc[("spearman", "isogclr")]
     assert spearman["mean"] == pytest.approx(0.1) and spearman["n_seeds"] == 3
     assert math.isnan(spearman["diff_mean"]) and table.loc[("spearman", "clip")]["n_seeds"] == 0
+
+
+def test_pairwise_table_has_every_pair_and_agrees_with_the_baseline_columns():
+    losses, metrics = ["clip", "sogclr", "isogclr"], ["r_mean", "spearman"]
+    pairs = pairwise_table(_runs(), losses, metrics).set_index(["metric", "loss", "versus"])
+    # r_mean: the three pairs; spearman: none (only isogclr has values)
+    assert sorted(pairs.index) == [("r_mean", "isogclr", "clip"), ("r_mean", "isogclr", "sogclr"),
+                                   ("r_mean", "sogclr", "clip")]
+    expected = [94.99 - 94.41, 86.93 - 86.79, 91.88 - 91.89]  # isogclr − sogclr, seeds 0-2, by hand
+    row = pairs.loc[("r_mean", "isogclr", "sogclr")]
+    assert row["n_pairs"] == 3 and row["diff_mean"] == pytest.approx(np.mean(expected))
+    assert (row["diff_ci_low"], row["diff_ci_high"]) == bootstrap_ci(expected) and row["diff_positive"] == 2
+    table = comparison_table(_runs(), losses, metrics).set_index(["metric", "loss"])
+    for loss in ("sogclr", "isogclr"):
+        got, want = pairs.loc[("r_mean", loss, "clip")], table.loc[("r_mean", loss)]
+        for key in ("diff_mean", "diff_ci_low", "diff_ci_high", "diff_positive"):
+            assert got[key] == want[key], (loss, key)

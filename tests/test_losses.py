@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from torch.testing import assert_close
 
+from clip_dro.config import LOSS_NAMES
 from clip_dro.errors import UserError
-from clip_dro.losses import (CLIPLoss, ISogCLRLoss, LossIndexError, LossStateSizeError, RGCLgLoss, SogCLRLoss,
-                             build_loss, check_rho, gamma_at)
+from clip_dro.losses import (LOSSES, CLIPLoss, ISogCLRLoss, LossIndexError, LossStateSizeError, RGCLgLoss,
+                             SogCLRLoss, build_loss, check_rho, gamma_at)
 from losses_reference import BruteRobustLoss, objective
 
 # Small τ range and clip so that a few steps exercise the clip on G (both signs) and both τ bounds.
@@ -379,6 +380,11 @@ def test_build_loss_names_views_and_state_size():
         build_loss("isogclr", 3, 3, tau_init=2.0)
     with pytest.raises(TypeError):
         build_loss("clip", 3, 3, temperature=0.1)
+
+
+def test_every_configurable_loss_name_is_built_and_no_other():
+    """config.LossName (what a config may say) and the factory's registry (what can be built) are one list."""
+    assert tuple(LOSSES) == LOSS_NAMES
 
 
 def test_stats_report_objective_and_temperatures():

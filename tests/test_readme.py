@@ -228,6 +228,11 @@ def _check_outputs(command: str, workspace: Path) -> None:
         runs = json.loads((home / "quickstart/comparison.json").read_text())["runs"]
         assert sorted((r["loss"], r["seed"]) for r in runs) == sorted(itertools.product(QUICKSTART_RUNS, range(2)))
         assert set(pd.read_csv(home / "quickstart/comparison.csv")["loss"]) == set(QUICKSTART_RUNS)
+        # the README's iSogCLR − SogCLR figures are read from pairwise.csv
+        pairs = pd.read_csv(home / "quickstart/pairwise.csv")
+        assert {"acc1", "r_mean"} <= {m.split("/")[-1] for m in pairs[(pairs["loss"] == "isogclr")
+                                                                      & (pairs["versus"] == "sogclr")]["metric"]}
+        assert "| zeroshot/acc1 | isogclr − sogclr |" in (home / "quickstart/comparison.md").read_text()
     elif command.startswith("clip-dro bench"):
         results = json.loads((home / "bench.json").read_text())["results"]
         assert {"loss_step", "train_step", "loader", "prep", "state_bytes", "checkpoint_write",

@@ -4,7 +4,9 @@ Input: one row per run with columns ``loss``, ``seed`` and one column per metric
 e.g. the τ–frequency Spearman of a loss without per-sample temperatures). Output: one long table with a row
 per (metric, loss): the number of seeds, mean and sample standard deviation (ddof 1) over seeds, the value of
 every seed, and, for each loss but the baseline (the first listed), the paired differences loss − baseline
-of the same seed with their mean and a bootstrap 95 % interval.
+of the same seed with their mean and a bootstrap 95 % interval. A second table holds the same difference
+statistics for every pair of losses (each later-listed loss against each earlier one), so that a comparison
+between two robust losses, not only against the baseline, is read from a file and not computed by hand.
 
 Why paired: a seed fixes the initialization and the batch order for every loss, so the difference within a
 seed compares like with like, and its spread is usually far smaller than the spread of each loss over seeds.
@@ -60,6 +62,13 @@ def paired_differences(runs: pd.DataFrame, loss: str, baseline: str, metric: str
     return (by_seed(loss) - by_seed(baseline)).dropna().sort_index()
 
 
+def _difference_row(diff: pd.Series, resamples: int, level: float, seed: int) -> dict[str, float]:
+    """Mean, bootstrap interval and count of positive values of per-seed differences (NaN where there are none)."""
+    low, high = bootstrap_ci(diff.to_numpy(), resamples, level, seed)
+    return {"diff_mean": float(diff.mean()) if len(diff) else float("nan"), "diff_ci_low": low,
+            "diff_ci_high": high, "diff_positive": int((diff > 0).sum()) if len(diff) else np.nan}
+
+
 def comparison_table(runs: pd.DataFrame, losses: Sequence[str], metrics: Sequence[str],
                      resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> pd.DataFrame:
     """The long table described in the module docstring; ``losses[0]`` is the baseline. Columns: metric,
@@ -77,9 +86,24 @@ def comparison_table(runs: pd.DataFrame, losses: Sequence[str], metrics: Sequenc
             row.update({f"seed_{s}": float(values.get(s, np.nan)) for s in seeds})
             diff = (paired_differences(runs, loss, baseline, metric) if loss != baseline
                     else pd.Series(dtype=float))
-            low, high = bootstrap_ci(diff.to_numpy(), resamples, level, seed)
-            row.update({"diff_mean": float(diff.mean()) if len(diff) else float("nan"), "diff_ci_low": low,
-                        "diff_ci_high": high, "diff_positive": int((diff > 0).sum()) if len(diff) else np.nan})
+            row.update(_difference_row(diff, resamples, level, seed))
             row.update({f"diff_seed_{s}": float(diff.get(s, np.nan)) for s in seeds})
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def pairwise_table(runs: pd.DataFrame, losses: Sequence[str], metrics: Sequence[str],
+                   resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0) -> pd.DataFrame:
+    """Every pair of losses: a row per (metric, loss, versus) for each loss listed after ``versus``, with
+    n_pairs (seeds with a value for both), diff_mean, diff_ci_low, diff_ci_high and diff_positive of loss −
+    versus. Pairs without a common seed (a metric one of them lacks) are left out."""
+    rows = []
+    for metric in metrics:
+        for i, versus in enumerate(losses):
+            for loss in losses[i + 1:]:
+                diff = paired_differences(runs, loss, versus, metric)
+                if len(diff):
+                    rows.append({"metric": metric, "loss": loss, "versus": versus, "n_pairs": len(diff),
+                                 **_difference_row(diff, resamples, level, seed)})
+    columns = ["metric", "loss", "versus", "n_pairs", "diff_mean", "diff_ci_low", "diff_ci_high", "diff_positive"]
+    return pd.DataFrame(rows, columns=columns)
