@@ -90,9 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--svg-renderer", choices=["auto", "cairosvg", "rsvg-convert", "none"], default="auto",
                    help="renders the SVG stamps (default auto: the first at hand; none, or none at hand: SVG "
                         "stamps are left out and counted)")
+    p.add_argument("--train-captions", choices=["description", "category"], default="description",
+                   help="training captions: each stamp's description (default), or its category in a few "
+                        "templates, the duplicate-heavy variant (the held-out sets keep the descriptions)")
     p.set_defaults(run=lambda a: _call("data_prep.tuxpaint", "prep_tuxpaint", stamps=a.stamps, output=a.output,
                                        held_out_fraction=a.held_out_fraction, seed=a.seed,
-                                       image_size=a.image_size, workers=a.workers, svg_renderer=a.svg_renderer))
+                                       image_size=a.image_size, workers=a.workers, svg_renderer=a.svg_renderer,
+                                       train_captions=a.train_captions))
 
     p = sub.add_parser("train", help="train CLIP, SogCLR or iSogCLR from a YAML config")
     p.add_argument("--config", required=True, type=Path,

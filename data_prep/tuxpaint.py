@@ -15,7 +15,11 @@ rendered 512 px wide; transparency is composited on white by the writer.
 
 Output:
 
-* ``train``: the stamps not held out (kind ``train``), in a seeded random order.
+* ``train``: the stamps not held out (kind ``train``), in a seeded random order. With ``--train-captions
+  category`` their captions are not their descriptions but their category in one of a few templates ("a
+  drawing of animals."), drawn with ``--seed``: a few dozen distinct captions for hundreds of images, so that
+  every batch holds same-category pairs with identical captions (false negatives for a contrastive loss, the
+  duplicate-heavy regime). The held-out sets keep the descriptions either way.
 * ``retrieval`` (kind ``retrieval``) and ``zeroshot`` (kind ``zeroshot``): the same held-out stamps, a
   ``--held-out-fraction`` of each category (rounded, drawn with ``--seed``), the zero-shot samples labelled
   (``.cls``) with their category; ``classnames.txt`` holds the categories that have usable stamps, made
@@ -53,6 +57,9 @@ SPLIT_TAG = 7  # first word of the held-out split's seed sequence
 TEMPLATES = ("a drawing of {c}.", "a clip art of {c}.", "a cartoon of {c}.", "an illustration of {c}.",
              "a sticker of {c}.", "a simple drawing of {c}.")
 READABLE = {"naturalforces": "natural forces"}
+TRAIN_CAPTIONS = ("description", "category")
+CATEGORY_CAPTIONS = ("a drawing of {c}.", "a picture of {c}.", "a cartoon of {c}.", "clip art of {c}.")
+CAPTION_TAG = 11  # first word of the category captions' seed sequence
 
 
 @dataclass(frozen=True)
@@ -145,27 +152,38 @@ def readable(category: str) -> str:
     return READABLE.get(category, category.replace("_", " ").replace("-", " "))
 
 
+def category_captions(stamps: list[Stamp], seed: int) -> dict[str, str]:
+    """Each stamp's category in a template drawn with ``seed`` (by stamp key, so the order stamps come in does
+    not matter)."""
+    keys = sorted(s.key for s in stamps)
+    category = {s.key: s.category for s in stamps}
+    drawn = np.random.default_rng([CAPTION_TAG, seed]).integers(len(CATEGORY_CAPTIONS), size=len(keys))
+    return {key: CATEGORY_CAPTIONS[t].format(c=readable(category[key])) for key, t in zip(keys, drawn.tolist())}
+
+
 def _candidate(row: int, stamp: Stamp, renderer: Optional[str], fields: dict[str, Any],
-               label: Optional[int]) -> Candidate:
+               label: Optional[int], caption: Optional[str] = None) -> Candidate:
     record = {"row": row, "stamp": stamp.key}
     if stamp.image.suffix.lower() == ".svg":
         load, arg = render_svg, (str(stamp.image), renderer)
     else:
         load, arg = load_file, str(stamp.image)
     files = {"cls": str(label).encode()} if label is not None else {}
-    return Candidate(rows=[record], captions=[stamp.description or ""], load=load, arg=arg,
+    return Candidate(rows=[record], captions=[caption or stamp.description or ""], load=load, arg=arg,
                      fields={"stamp": stamp.key, "format": stamp.image.suffix.lower()[1:], **fields}, files=files)
 
 
 def prep_tuxpaint(output: Path, stamps: Path = DEFAULT_STAMPS, held_out_fraction: float = 0.2, seed: int = 0,
                   image_size: Optional[int] = None, workers: Optional[int] = None,
-                  svg_renderer: str = "auto") -> dict[str, Manifest]:
+                  svg_renderer: str = "auto", train_captions: str = "description") -> dict[str, Manifest]:
     """Write ``output/train``, ``output/retrieval`` and ``output/zeroshot`` (module docstring); returns their
     manifests by name."""
     output, stamps = Path(output), Path(stamps)
     check_options(EVAL_SHARD_SIZE, image_size, seed)
     if not 0.0 < held_out_fraction < 1.0:
         raise PrepError(f"--held-out-fraction must be between 0 and 1 (exclusive), got {held_out_fraction}")
+    if train_captions not in TRAIN_CAPTIONS:
+        raise PrepError(f"--train-captions {train_captions!r}: must be one of {', '.join(TRAIN_CAPTIONS)}")
     if not stamps.is_dir():
         raise PrepError(f"--stamps {stamps}: not a directory (Debian: apt-get install tuxpaint-stamps-default)")
     renderer = available_renderer(svg_renderer)
@@ -195,7 +213,9 @@ def prep_tuxpaint(output: Path, stamps: Path = DEFAULT_STAMPS, held_out_fraction
              "svg_files": counts["svg_files"], "svg_renderer": renderer, "categories": categories,
              "train_per_category": [per_category[c] for c in categories], "held_out": len(evaluation)}
     source = {"kind": "tuxpaint", "path": str(stamps.resolve()), "held_out_fraction": held_out_fraction,
-              "seed": seed, "image_size": image_size, "svg_renderer": renderer, "svg_width": SVG_WIDTH}
+              "seed": seed, "image_size": image_size, "svg_renderer": renderer, "svg_width": SVG_WIDTH,
+              "train_captions": train_captions}
+    captions = category_captions(train, seed) if train_captions == "category" else {}
 
     def fields(stamp: Stamp) -> dict[str, Any]:
         count = per_category[stamp.category]
@@ -205,7 +225,8 @@ def prep_tuxpaint(output: Path, stamps: Path = DEFAULT_STAMPS, held_out_fraction
     def items(split: str) -> list[Item]:
         if split == "train":
             out: list[Item] = [Rejection({"row": rows[s.key], "stamp": s.key}, reason) for s, reason in rejected]
-            return out + [_candidate(rows[s.key], s, renderer, fields(s), None) for s in shuffled(train, True, seed)]
+            return out + [_candidate(rows[s.key], s, renderer, fields(s), None, captions.get(s.key))
+                          for s in shuffled(train, True, seed)]
         label = split == "zeroshot"
         return [_candidate(rows[s.key], s, renderer, fields(s), labels[s.category] if label else None)
                 for s in shuffled(evaluation, True, seed)]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.tuxpaint import DEFAULT_STAMPS, TEMPLATES, available_renderer, prep_tuxpaint
+from data_prep.tuxpaint import CATEGORY_CAPTIONS, DEFAULT_STAMPS, TEMPLATES, available_renderer, prep_tuxpaint
 from data_prep.writer import PrepError
 
 COLOURS = {"animals": (200, 30, 30), "food": (30, 160, 30), "naturalforces": (30, 30, 200)}
@@ -118,6 +118,29 @@ def test_split_is_seeded_and_output_deterministic(stamps, tmp_path):
             assert (tmp_path / "a" / split / name).read_bytes() == (tmp_path / "b" / split / name).read_bytes()
     held = {name: {s["json"]["stamp"] for s in read_samples(tmp_path / name / "retrieval")} for name in "ac"}
     assert held["a"] != held["c"] and len(held["a"]) == len(held["c"])
+
+
+def test_category_captions_replace_the_training_descriptions_only(stamps, tmp_path):
+    """The duplicate-heavy variant: the same stamps, images and held-out sets; training captions are the
+    category in a seeded template."""
+    runs = {}
+    for captions in ("description", "category"):
+        prep_tuxpaint(tmp_path / captions, stamps, held_out_fraction=0.4, seed=1, workers=1, svg_renderer="none",
+                      train_captions=captions)
+        runs[captions] = {split: read_samples(tmp_path / captions / split) for split in ("train", "retrieval")}
+    described, categorized = runs["description"], runs["category"]
+    assert [s["txt"] for s in described["retrieval"]] == [s["txt"] for s in categorized["retrieval"]]
+    assert [s["json"]["stamp"] for s in described["train"]] == [s["json"]["stamp"] for s in categorized["train"]]
+    readable = {"animals": "animals", "food": "food", "naturalforces": "natural forces"}
+    for sample in categorized["train"]:
+        allowed = {t.format(c=readable[sample["json"]["category"]]) for t in CATEGORY_CAPTIONS}
+        assert sample["txt"].strip() in allowed, sample["txt"]
+    captions = [s["txt"] for s in categorized["train"]]
+    assert len(set(captions)) < len(captions) and len({t.split(" of ")[0] for t in captions}) > 1, captions
+    source = json.loads((tmp_path / "category/train/manifest.json").read_text())["source"]
+    assert source["train_captions"] == "category"
+    with pytest.raises(PrepError, match="--train-captions 'titles'"):
+        prep_tuxpaint(tmp_path / "bad", stamps, svg_renderer="none", train_captions="titles")
 
 
 def test_svg_stamps_are_rendered_when_a_renderer_is_at_hand(stamps, tmp_path):
