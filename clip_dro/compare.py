@@ -14,9 +14,8 @@ Writes into OUTPUT: ``comparison.csv``, ``comparison.md`` and ``comparison.json`
 loss the mean ± sd over seeds, every seed's value, the differences from the first loss per seed with their
 mean and bootstrap 95 % interval; the JSON adds every run's metrics), ``pairwise.csv`` (the same differences
 for every pair of losses, e.g. iSogCLR − SogCLR; also in the Markdown with three losses or more and in the
-JSON), ``comparison.png`` (per-seed points,
-lines joining a seed's runs, mean ± sd per loss) and ``temperatures/LOSS-seedS/`` (the temperature analysis
-of runs with per-sample temperatures).
+JSON), ``comparison.png`` (per-seed points, lines joining a seed's runs, mean ± sd per loss) and
+``temperatures/LOSS-seedS/`` (the temperature analysis of runs with per-sample temperatures).
 """
 from __future__ import annotations
 
