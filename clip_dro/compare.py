@@ -189,6 +189,13 @@ def _signed(value: float) -> str:
     return "–" if not math.isfinite(value) else ("+" if value > 0 else "") + _fmt(value)
 
 
+def _difference(row: dict[str, Any]) -> str:
+    """A row's mean paired difference with its bootstrap interval, where there is one: "+0.85 [+0.65, +1.16]"."""
+    interval = (f" [{_signed(row['diff_ci_low'])}, {_signed(row['diff_ci_high'])}]"
+                if math.isfinite(row["diff_ci_low"]) else "")
+    return _signed(row["diff_mean"]) + interval
+
+
 def markdown(table: pd.DataFrame, seeds: int, baseline: str) -> str:
     lines = [f"| metric | loss | mean ± sd | per seed (0–{seeds - 1}) | {baseline} → loss per seed | "
              "mean difference [95 % CI] | seeds above |",
@@ -199,9 +206,7 @@ def markdown(table: pd.DataFrame, seeds: int, baseline: str) -> str:
             diffs, summary, above = "–", "–", "–"
         else:
             diffs = ", ".join(_signed(row[f"diff_seed_{s}"]) for s in range(seeds))
-            interval = (f" [{_signed(row['diff_ci_low'])}, {_signed(row['diff_ci_high'])}]"
-                        if math.isfinite(row["diff_ci_low"]) else "")
-            summary = _signed(row["diff_mean"]) + interval
+            summary = _difference(row)
             above = f"{int(row['diff_positive'])}/{int(row['n_seeds'])}"
         spread = "–" if not math.isfinite(row["mean"]) else f"{_fmt(row['mean'])} ± {_fmt(row['sd'])}"
         lines.append(f"| {row['metric']} | {row['loss']} | {spread} | {values} | {diffs} | {summary} | {above} |")
@@ -212,9 +217,7 @@ def pairwise_markdown(pairs: pd.DataFrame) -> str:
     """The differences between robust losses too: a row per (metric, later loss − earlier loss)."""
     lines = ["| metric | difference | mean [95 % CI] | seeds above |", "|---|---|---:|---:|"]
     for row in pairs.to_dict("records"):
-        interval = (f" [{_signed(row['diff_ci_low'])}, {_signed(row['diff_ci_high'])}]"
-                    if math.isfinite(row["diff_ci_low"]) else "")
-        lines.append(f"| {row['metric']} | {row['loss']} − {row['versus']} | {_signed(row['diff_mean'])}{interval} "
+        lines.append(f"| {row['metric']} | {row['loss']} − {row['versus']} | {_difference(row)} "
                      f"| {int(row['diff_positive'])}/{int(row['n_pairs'])} |")
     return "\n".join(lines) + "\n"
 

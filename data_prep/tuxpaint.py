@@ -155,10 +155,9 @@ def readable(category: str) -> str:
 def category_captions(stamps: list[Stamp], seed: int) -> dict[str, str]:
     """Each stamp's category in a template drawn with ``seed`` (by stamp key, so the order stamps come in does
     not matter)."""
-    keys = sorted(s.key for s in stamps)
-    category = {s.key: s.category for s in stamps}
-    drawn = np.random.default_rng([CAPTION_TAG, seed]).integers(len(CATEGORY_CAPTIONS), size=len(keys))
-    return {key: CATEGORY_CAPTIONS[t].format(c=readable(category[key])) for key, t in zip(keys, drawn.tolist())}
+    ordered = sorted(stamps, key=lambda s: s.key)
+    drawn = np.random.default_rng([CAPTION_TAG, seed]).integers(len(CATEGORY_CAPTIONS), size=len(ordered))
+    return {s.key: CATEGORY_CAPTIONS[t].format(c=readable(s.category)) for s, t in zip(ordered, drawn.tolist())}
 
 
 def _candidate(row: int, stamp: Stamp, renderer: Optional[str], fields: dict[str, Any],
